@@ -1,0 +1,1 @@
+"""The API pod: HTTP/WebSocket endpoints and the per-pod fan-out hub."""

@@ -1,0 +1,141 @@
+"""Generations as the API sees them: create (metadata + job + wake), look up, cancel."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+from arq.connections import ArqRedis
+from pydantic import ValidationError
+
+from shared import keys
+from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from shared.ids import is_generation_id, new_generation_id
+from shared.keys import Meta
+from shared.requests import ChatCompletionRequest
+from shared.settings import Settings
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@dataclass
+class Generation:
+    """What one lookup of a generation found."""
+
+    id: str
+    meta: dict[str, str]
+    last_seq: int  # seq of the newest event in the stream (0: none yet)
+
+    @property
+    def status(self) -> str:
+        return self.meta.get(Meta.STATUS, "queued")
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+def parse_request(body: bytes, settings: Settings) -> ChatCompletionRequest:
+    try:
+        raw = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise InvalidRequest("request body must be a JSON object", code="invalid_json")
+    try:
+        request = ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        param = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"{param}: {first['msg']}", code="invalid_value", param=param) from None
+    if len(request.messages) > settings.max_messages:
+        raise InvalidRequest(
+            f"messages: at most {settings.max_messages} messages are accepted", code="invalid_value", param="messages"
+        )
+    if request.token_limit is not None and request.token_limit > settings.max_tokens_limit:
+        raise InvalidRequest(
+            f"max_tokens: at most {settings.max_tokens_limit} tokens can be requested",
+            code="invalid_value",
+            param="max_tokens",
+        )
+    return request
+
+
+def check_size(received: int, settings: Settings) -> None:
+    if received > settings.max_body_bytes:
+        raise PayloadTooLarge(f"request body is larger than {settings.max_body_bytes} bytes")
+
+
+class Generations:
+    def __init__(self, redis: aioredis.Redis, queue: ArqRedis, settings: Settings) -> None:
+        self._redis = redis
+        self._queue = queue
+        self._settings = settings
+
+    async def create(self, request: ChatCompletionRequest) -> str:
+        gen_id = new_generation_id()
+        now = int(time.time())
+        meta_key = keys.meta_key(gen_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                meta_key,
+                mapping={
+                    Meta.STATUS: "queued",
+                    Meta.MODEL: request.model,
+                    Meta.CREATED: now,
+                    Meta.REQUEST: request.model_dump_json(exclude_none=True),
+                    Meta.VIEWED_AT: now,
+                },
+            )
+            pipe.expire(meta_key, keys.UNFINISHED_TTL_S)
+            await pipe.execute()
+        await self._queue.enqueue_job(keys.GENERATE_JOB, gen_id, _job_id=gen_id, _queue_name=self._settings.queue_name)
+        await self._queue.publish(keys.WAKE_CHANNEL, b"1")
+        return gen_id
+
+    async def get(self, gen_id: str) -> Generation:
+        if not is_generation_id(gen_id):
+            raise InvalidRequest(f"malformed generation id {gen_id[:64]!r}", code="invalid_generation_id")
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(keys.meta_key(gen_id))
+            pipe.xrevrange(keys.events_key(gen_id), count=1)
+            meta, newest = await pipe.execute()
+        if not meta:
+            raise NotFound(
+                f"no generation {gen_id} (unknown, or its retention has passed)", code="generation_not_found"
+            )
+        last_seq = int(newest[0][0].partition(b"-")[0]) if newest else 0
+        return Generation(gen_id, {k.decode(): v.decode() for k, v in meta.items()}, last_seq)
+
+    async def content(self, gen_id: str) -> str:
+        data = await self._redis.get(keys.content_key(gen_id))
+        return data.decode() if data else ""
+
+    async def describe(self, gen_id: str) -> dict[str, Any]:
+        generation = await self.get(gen_id)
+        meta = generation.meta
+        return {
+            "id": gen_id,
+            "object": "generation",
+            "status": generation.status,
+            "model": meta.get(Meta.MODEL),
+            "created": int(meta.get(Meta.CREATED, 0)),
+            "content": await self.content(gen_id),
+            "finish_reason": meta.get(Meta.FINISH_REASON) or None,
+            "usage": orjson.loads(meta[Meta.USAGE]) if meta.get(Meta.USAGE) else None,
+            "error": orjson.loads(meta[Meta.ERROR]) if meta.get(Meta.ERROR) else None,
+            "last_event_id": meta.get(Meta.LAST_EVENT_ID),
+        }
+
+    async def cancel(self, gen_id: str) -> str:
+        generation = await self.get(gen_id)
+        if generation.status == "cancelled":
+            return "cancelled"
+        if generation.finished:
+            raise Conflict(f"generation {gen_id} has already {generation.status}", code="generation_finished")
+        await self._redis.hset(keys.meta_key(gen_id), Meta.CANCEL, "1")  # type: ignore[misc]
+        await self._queue.publish(keys.CANCEL_CHANNEL, gen_id)
+        return "cancelling"

@@ -1,0 +1,241 @@
+"""The hub: one per API process, it reads each watched generation from Redis once
+and fans the events out to every local viewer.
+
+    Redis stream ──XREAD BLOCK (one reader, all generations)──▶ Topic ring (bounded)
+                                                                  │  each Event encoded
+                                                                  │  once per transport
+                        viewer cursor ◀── batch of events ◀───────┘
+                        (behind the ring? XRANGE from Redis at its own pace)
+
+A viewer is a cursor (the seq of the last event it was sent) into its topic's
+ring of recent events. There is no per-viewer queue: a viewer that is slow
+simply has an older cursor; once that falls out of the ring it reads Redis
+history with XRANGE until it catches up. The reader never waits for a viewer.
+
+New topics: the reader is blocked in XREAD on the old key set when a viewer of a
+new generation arrives, so adding a topic cancels that read (redis-py drops the
+connection on cancel) and the loop reads again with the new set. No event can be
+lost by that: a topic's position only advances when events are appended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared import keys
+from shared.errors import Conflict, Unavailable
+from shared.events import Event
+from shared.ids import event_id
+from shared.settings import Settings
+
+log = logging.getLogger("fanline.hub")
+
+_READ_COUNT = 1000  # entries per stream per XREAD
+_VIEWED_REFRESH_S = 5.0
+
+
+class Topic:
+    """One generation watched on this pod: its recent events and the viewers' wake-up."""
+
+    def __init__(self, gen_id: str, start_seq: int, capacity: int) -> None:
+        self.gen_id = gen_id
+        self.key = keys.events_key(gen_id).encode()
+        self.ring: collections.deque[Event] = collections.deque(maxlen=capacity)
+        self.last_seq = start_seq  # the reader reads strictly after this
+        self.finished = False
+        self.viewers = 0
+        self.changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def append(self, batch: Iterable[Event]) -> None:
+        added = False
+        for event in batch:
+            if event.seq <= self.last_seq:
+                continue  # already have it (a read that was interrupted and repeated)
+            if self.ring and event.seq != self.ring[-1].seq + 1:
+                self.ring.clear()  # a gap (trimmed history): keep the ring contiguous
+            self.ring.append(event)
+            self.last_seq = event.seq
+            added = True
+            if event.is_end:
+                self.finished = True
+        if added:
+            self.changed.set_result(None)
+            self.changed = asyncio.get_running_loop().create_future()
+
+    def after(self, seq: int, limit: int) -> list[Event] | None:
+        """Events after ``seq`` from the ring; [] if there are none yet; None if the ring no longer has them."""
+        if seq >= self.last_seq:
+            return []
+        if not self.ring or self.ring[0].seq > seq + 1:
+            return None
+        start = seq + 1 - self.ring[0].seq
+        return [self.ring[i] for i in range(start, min(start + limit, len(self.ring)))]
+
+
+class HistoryGone(Conflict):
+    """The viewer's position is older than what Redis still retains."""
+
+    code = "event_id_expired"
+
+
+class Hub:
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._topics: dict[str, Topic] = {}
+        self._by_key: dict[bytes, Topic] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._read: asyncio.Task[Any] | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._topics_added = asyncio.Event()
+        self.healthy = True
+        # Counters for /metrics and the tests.
+        self.reads = 0
+        self.history_reads = 0
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        self._reader = asyncio.create_task(self._read_loop(), name="hub-reader")
+        self._refresher = asyncio.create_task(self._refresh_viewed(), name="hub-viewed")
+
+    async def stop(self) -> None:
+        for task in (self._reader, self._refresher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    @property
+    def topic_count(self) -> int:
+        return len(self._topics)
+
+    @property
+    def viewer_count(self) -> int:
+        return sum(t.viewers for t in self._topics.values())
+
+    # -- viewers -----------------------------------------------------------
+
+    async def follow(self, gen_id: str, cursor: int, stop: asyncio.Future[Any]) -> AsyncIterator[list[Event] | None]:
+        """Batches of events strictly after ``cursor``, ending with the end event.
+
+        Yields None when nothing happened for a heartbeat interval. Returns when
+        ``stop`` completes (the client went away).
+        """
+        topic = self._subscribe(gen_id, cursor)
+        limit = self._settings.hub_batch_events
+        try:
+            while True:
+                batch = topic.after(cursor, limit)
+                if batch is None:
+                    batch = await self._history(topic, cursor, limit)
+                if batch:
+                    yield batch
+                    cursor = batch[-1].seq
+                    if batch[-1].is_end:
+                        return
+                    continue
+                done, _ = await asyncio.wait(
+                    (topic.changed, stop), timeout=self._settings.heartbeat_s, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stop in done:
+                    return
+                if not done:
+                    yield None
+        finally:
+            self._unsubscribe(topic)
+
+    async def _history(self, topic: Topic, cursor: int, limit: int) -> list[Event]:
+        self.history_reads += 1
+        entries = await self._redis.xrange(topic.key, min=event_id(cursor + 1), max="+", count=limit)
+        batch = [Event.from_entry(entry_id, fields) for entry_id, fields in entries]
+        if (batch and batch[0].seq != cursor + 1) or (not batch and cursor < topic.last_seq):
+            raise HistoryGone(
+                f"events after {event_id(cursor)} are no longer retained; "
+                "fetch GET /v1/generations/{id} for the full content"
+            )
+        return batch
+
+    def _subscribe(self, gen_id: str, cursor: int) -> Topic:
+        topic = self._topics.get(gen_id)
+        if topic is None:
+            topic = Topic(gen_id, cursor, self._settings.hub_buffer_events)
+            self._topics[gen_id] = topic
+            self._by_key[topic.key] = topic
+            self._topics_added.set()
+            if self._read is not None and not self._read.done():
+                self._read.cancel()  # re-read with the new key set (see module docstring)
+        topic.viewers += 1
+        return topic
+
+    def _unsubscribe(self, topic: Topic) -> None:
+        topic.viewers -= 1
+        if topic.viewers == 0 and self._topics.get(topic.gen_id) is topic:
+            del self._topics[topic.gen_id]
+            del self._by_key[topic.key]
+
+    # -- the reader --------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        backoff = 0.05
+        while True:
+            live = [t for t in self._topics.values() if not t.finished]
+            if not live:
+                self._topics_added.clear()
+                await self._topics_added.wait()
+                continue
+            streams: dict[Any, Any] = {t.key: event_id(t.last_seq) for t in live}
+            self._read = asyncio.ensure_future(
+                self._redis.xread(streams, count=_READ_COUNT, block=self._settings.hub_block_ms)
+            )
+            try:
+                response = await self._read
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the hub is stopping
+                continue  # a new topic interrupted the read
+            except RedisError as exc:
+                self.healthy = False
+                log.warning("hub reader: %s; retrying in %.2f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            finally:
+                self._read = None
+            self.healthy = True
+            backoff = 0.05
+            self.reads += 1
+            for key, entries in response or ():
+                topic = self._by_key.get(key)
+                if topic is not None:
+                    topic.append(Event.from_entry(entry_id, fields) for entry_id, fields in entries)
+
+    async def _refresh_viewed(self) -> None:
+        """Tell workers these generations still have viewers (for FANLINE_IDLE_CANCEL_S)."""
+        while True:
+            await asyncio.sleep(_VIEWED_REFRESH_S)
+            watched = [t.gen_id for t in self._topics.values() if not t.finished]
+            if not watched:
+                continue
+            now = str(int(time.time()))
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for gen_id in watched:
+                        pipe.hset(keys.meta_key(gen_id), keys.Meta.VIEWED_AT, now)
+                    await pipe.execute()
+            except RedisError as exc:
+                log.warning("refreshing viewed_at: %s", exc)
+
+
+def unavailable() -> Unavailable:
+    return Unavailable("Redis is unavailable; retry shortly", code="redis_unavailable")

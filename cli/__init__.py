@@ -1,0 +1,1 @@
+"""The ``fanline`` command: up, api, worker, chat, watch."""

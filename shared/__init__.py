@@ -1,0 +1,1 @@
+"""What the API pods and the workers share: settings, Redis names, the event model, ids, errors."""

@@ -1,0 +1,87 @@
+"""One exception tree, mapped once to the OpenAI error body at the edge (api/errors.py).
+
+FanlineError                      500 server_error
+├── InvalidRequest                400 invalid_request_error
+├── Unauthorized                  401 authentication_error
+├── Forbidden                     403 permission_error
+├── NotFound                      404 not_found_error
+├── Conflict                      409 conflict_error
+├── PayloadTooLarge               413 invalid_request_error
+├── RateLimited                   429 rate_limit_error
+├── Unavailable                   503 service_unavailable
+└── GenerationFailed              a generation's terminal error (not an HTTP status)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FanlineError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(FanlineError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(FanlineError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class Forbidden(FanlineError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+class NotFound(FanlineError):
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
+
+
+class Conflict(FanlineError):
+    status = 409
+    type = "conflict_error"
+    code = "conflict"
+
+
+class PayloadTooLarge(FanlineError):
+    status = 413
+    type = "invalid_request_error"
+    code = "payload_too_large"
+
+
+class RateLimited(FanlineError):
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class Unavailable(FanlineError):
+    status = 503
+    type = "service_unavailable"
+    code = "unavailable"
+
+
+class GenerationFailed(FanlineError):
+    """Raised by a generator; becomes the generation's terminal error event."""
+
+    code = "generation_failed"

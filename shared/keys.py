@@ -1,0 +1,64 @@
+"""Every Redis name fanline uses, in one place.
+
+One generation's keys share the hash tag ``{gen_id}`` so they live in one
+Redis Cluster slot and can be written in one pipeline or transaction.
+"""
+
+from __future__ import annotations
+
+PREFIX = "fanline"
+
+
+def events_key(gen_id: str) -> str:
+    """The generation's Redis Stream: one entry per event, ids ``<seq>-0``."""
+    return f"{PREFIX}:{{{gen_id}}}:events"
+
+
+def meta_key(gen_id: str) -> str:
+    """The generation's metadata hash (fields below)."""
+    return f"{PREFIX}:{{{gen_id}}}:meta"
+
+
+def content_key(gen_id: str) -> str:
+    """All content text so far: the worker APPENDs to it with every flush."""
+    return f"{PREFIX}:{{{gen_id}}}:content"
+
+
+def generation_keys(gen_id: str) -> tuple[str, str, str]:
+    return events_key(gen_id), meta_key(gen_id), content_key(gen_id)
+
+
+def gen_id_of(key: bytes) -> str:
+    """The generation id inside a key built above."""
+    start = key.index(b"{") + 1
+    return key[start : key.index(b"}", start)].decode()
+
+
+# Pub/sub channels on the queue Redis. WAKE tells workers a job was enqueued (so
+# job start does not wait on arq's polling); CANCEL carries a generation id.
+WAKE_CHANNEL = f"{PREFIX}:wake"
+CANCEL_CHANNEL = f"{PREFIX}:cancel"
+
+# arq job function name.
+GENERATE_JOB = "generate"
+
+
+class Meta:
+    """Field names of the metadata hash."""
+
+    STATUS = "status"  # queued | running | completed | failed | cancelled
+    MODEL = "model"
+    CREATED = "created"  # unix seconds
+    REQUEST = "request"  # the validated request body, JSON
+    FINISH_REASON = "finish_reason"
+    USAGE = "usage"  # JSON
+    ERROR = "error"  # JSON {"message", "type", "code"}
+    LAST_EVENT_ID = "last_event_id"  # id of the terminal event, once finished
+    CANCEL = "cancel"  # "1" once a cancel was requested
+    HEARTBEAT = "heartbeat"  # unix seconds, written by the worker running it
+    VIEWED_AT = "viewed_at"  # unix seconds, refreshed by API pods with viewers
+
+
+# Time a generation's keys live before it has finished (queued or running): long
+# enough for any generation, short enough that an abandoned one goes away.
+UNFINISHED_TTL_S = 24 * 3600

@@ -1,0 +1,67 @@
+"""Settings, read once from ``FANLINE_*`` environment variables into one typed object.
+
+settings = Settings()            # reads the environment
+settings = Settings(retention_s=60)  # explicit values win (tests)
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FANLINE_", extra="ignore")
+
+    # Redis holding the event streams and generation metadata.
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_cluster: bool = False
+    # Redis for the arq job queue (never a cluster); empty means redis_url.
+    queue_redis_url: str = ""
+    queue_name: str = "fanline:queue"
+
+    generator: str = "demo"
+    upstream_base_url: str = ""
+    upstream_api_key: str = ""
+    upstream_model: str = ""
+    upstream_timeout_s: float = 60.0
+    # Demo pace; 0 means as fast as possible (the benchmark's "no delay").
+    demo_tokens_per_s: float = Field(30.0, ge=0)
+
+    api_keys: str = ""
+    retention_s: int = Field(3600, ge=1)
+
+    # Request limits.
+    max_body_bytes: int = Field(1_048_576, ge=1024)
+    max_messages: int = Field(1000, ge=1)
+    max_tokens_limit: int = Field(32_768, ge=1)
+
+    # One stream holds at most this many entries (trimmed approximately), so a
+    # runaway generation cannot exhaust Redis memory.
+    stream_max_events: int = Field(100_000, ge=100)
+    # Events each API pod keeps in memory per watched generation; viewers further
+    # behind read Redis history at their own pace.
+    hub_buffer_events: int = Field(1024, ge=16)
+    # Largest number of events written to one viewer in one write.
+    hub_batch_events: int = Field(256, ge=1)
+    hub_block_ms: int = Field(2000, ge=10)
+    heartbeat_s: float = Field(15.0, gt=0, le=15.0)
+    # Cancel a generation that has had no viewer for this long; 0 = never.
+    idle_cancel_s: float = Field(0.0, ge=0)
+
+    worker_max_jobs: int = Field(100, ge=1)
+    # arq's fallback polling; job start does not wait on it (see worker/main.py).
+    worker_poll_delay_s: float = Field(0.5, gt=0)
+    worker_heartbeat_s: float = Field(1.0, gt=0)
+
+    log_level: str = "info"
+
+    @property
+    def queue_url(self) -> str:
+        return self.queue_redis_url or self.redis_url
+
+    @property
+    def api_key_list(self) -> list[str]:
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]

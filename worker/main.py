@@ -1,0 +1,126 @@
+"""``fanline worker``: an arq worker that runs generation jobs.
+
+Prompt job start: arq polls its queue every ``poll_delay`` (0.5 s by default), which
+would add up to half a second before the first token. The API publishes on
+``fanline:wake`` after enqueueing; every worker listens on that channel and runs
+arq's poll at once, so a job starts within a few milliseconds. The normal poll
+stays as the fallback (a missed message costs at most one poll delay). Starting
+the same job twice is impossible: arq guards each job with a WATCH/MULTI on its
+in-progress key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import redis.asyncio as aioredis
+from arq.connections import RedisSettings
+from arq.worker import Worker, func
+
+from shared import keys
+from shared.connections import events_redis, queue_redis
+from shared.settings import Settings
+from worker.generators import load_generator
+from worker.job import Running, generate
+
+log = logging.getLogger("fanline.worker")
+
+
+class _Listener:
+    """Wake and cancel messages from the API, on one pub/sub connection per worker."""
+
+    def __init__(self, worker: Worker, redis: aioredis.Redis, running: Running) -> None:
+        self._worker = worker
+        self.redis = redis
+        self._running = running
+        self._poll_lock = asyncio.Lock()
+        self._poll_again = False
+        self._poll_task: asyncio.Task[None] | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                async with self.redis.pubsub() as pubsub:
+                    await pubsub.subscribe(keys.WAKE_CHANNEL, keys.CANCEL_CHANNEL)
+                    backoff = 0.1
+                    async for message in pubsub.listen():
+                        if message["type"] != "message":
+                            continue
+                        if message["channel"] == keys.CANCEL_CHANNEL.encode():
+                            gen_id = message["data"].decode()
+                            if self._running.cancel(gen_id):
+                                log.info("generation %s: cancel requested", gen_id)
+                        else:
+                            self._wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down: arq's own polling still runs
+                log.warning("wake listener: %s; retrying in %.1f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _wake(self) -> None:
+        if self._poll_lock.locked():
+            self._poll_again = True  # one more poll after the current one covers this wake
+            return
+        self._poll_task = asyncio.create_task(self._poll())
+
+    async def _poll(self) -> None:
+        async with self._poll_lock:
+            while True:
+                self._poll_again = False
+                try:
+                    await self._worker._poll_iteration()  # arq's own "look at the queue, start jobs"
+                except Exception as exc:
+                    log.warning("wake poll failed: %s", exc)
+                if not self._poll_again:
+                    return
+
+
+def build_worker(settings: Settings) -> Worker:
+    running = Running()
+    state: dict[str, Any] = {}
+
+    async def startup(ctx: dict[str, Any]) -> None:
+        ctx["settings"] = settings
+        ctx["events_redis"] = events_redis(settings)
+        ctx["generator"] = load_generator(settings.generator)
+        ctx["running"] = running
+        listener = _Listener(worker, queue_redis(settings, pubsub=True), running)
+        listener.task = asyncio.create_task(listener.run(), name="wake-listener")
+        state["listener"] = listener
+        log.info("worker ready: generator=%s max_jobs=%d", settings.generator, settings.worker_max_jobs)
+
+    async def shutdown(ctx: dict[str, Any]) -> None:
+        listener: _Listener | None = state.get("listener")
+        if listener is not None and listener.task is not None:
+            listener.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener.task
+            await listener.redis.aclose()
+        if "events_redis" in ctx:
+            await ctx["events_redis"].aclose()
+
+    worker = Worker(
+        functions=[func(generate, name=keys.GENERATE_JOB, max_tries=1)],
+        redis_settings=RedisSettings.from_dsn(settings.queue_url),
+        queue_name=settings.queue_name,
+        on_startup=startup,
+        on_shutdown=shutdown,
+        max_jobs=settings.worker_max_jobs,
+        poll_delay=settings.worker_poll_delay_s,
+        job_timeout=24 * 3600,
+        keep_result=0,
+        handle_signals=True,
+        health_check_interval=60,
+    )
+    return worker
+
+
+def run(settings: Settings) -> None:
+    build_worker(settings).run()

@@ -1,0 +1,171 @@
+"""The publisher: turns a generator's deltas into stream entries.
+
+Tokens that arrive while a write is in flight are coalesced into one entry, and
+each write is one pipeline (XADD…, APPEND content, read the cancel flag), so a
+fast generator costs few round trips and a slow one adds no delay: the first
+token after an idle moment is written at once.
+
+Entries carry explicit ids ``<seq>-0``. A write that is retried after a lost
+reply re-sends the same ids; Redis refuses the ones already stored, so an event
+is never duplicated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared import events, keys
+from shared.events import Delta
+from shared.ids import event_id
+
+_COALESCIBLE = ("content", "reasoning_content")
+_RETRIES = 5
+
+
+class Publisher:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        gen_id: str,
+        model: str,
+        created: int,
+        *,
+        max_events: int,
+    ) -> None:
+        self._redis = redis
+        self._gen_id = gen_id
+        self._events_key, self._meta_key, self._content_key = keys.generation_keys(gen_id)
+        self._completion_id = events.completion_id(gen_id)
+        self._model = model
+        self._created = created
+        self._max_events = max_events
+        self.seq = 0  # id of the last entry handed to Redis
+        self._pending: list[tuple[bytes, Any]] = []  # (kind, delta dict or payload bytes)
+        self._role_sent = False
+        self._content_bytes = 0  # length of the content key, for idempotent SETRANGE
+        self._flusher: asyncio.Task[None] | None = None
+        self._failure: BaseException | None = None
+        self.cancel_requested = False
+
+    # -- producing ---------------------------------------------------------
+
+    def add(self, delta: Delta) -> None:
+        if self._failure is not None:
+            raise self._failure
+        d: dict[str, Any] = dict(delta)
+        if not self._role_sent:
+            d = {"role": "assistant", **d}
+            self._role_sent = True
+        last = self._pending[-1] if self._pending else None
+        if last is not None and last[0] == events.CHUNK and _can_merge(last[1], d):
+            for name in _COALESCIBLE:
+                if name in d:
+                    last[1][name] = last[1].get(name, "") + d[name]
+        else:
+            self._pending.append((events.CHUNK, d))
+        self._kick()
+
+    def add_raw(self, kind: bytes, payload: bytes) -> None:
+        self._pending.append((kind, payload))
+        self._kick()
+
+    async def finish(self, finish_reason: str, usage: dict[str, int] | None, include_usage: bool) -> str:
+        """Publish the final chunk, the usage chunk if asked for, and the end; return the end's id."""
+        final: dict[str, Any] = {} if self._role_sent else {"role": "assistant", "content": ""}
+        self._role_sent = True
+        self._pending.append((events.CHUNK, (final, finish_reason)))
+        if include_usage and usage is not None:
+            self.add_raw(events.CHUNK, events.usage_chunk(self._completion_id, self._created, self._model, usage))
+        self.add_raw(events.END, b"")
+        await self.drain()
+        return event_id(self.seq)
+
+    async def fail(self, message: str, code: str) -> str:
+        """Publish a terminal error and the end; return the end's id."""
+        self.add_raw(events.ERROR, events.error_payload(message, code))
+        self.add_raw(events.END, b"")
+        await self.drain()
+        return event_id(self.seq)
+
+    async def drain(self) -> None:
+        while self._flusher is not None:
+            await asyncio.shield(self._flusher)
+        if self._failure is not None:
+            raise self._failure
+
+    # -- writing -----------------------------------------------------------
+
+    def _kick(self) -> None:
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_loop(), name=f"publish-{self._gen_id}")
+
+    async def _flush_loop(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                await self._write(batch)
+        except BaseException as exc:  # surfaced to the producer by add()/drain()
+            self._failure = exc
+        finally:
+            self._flusher = None
+
+    def _encode(self, kind: bytes, item: Any) -> bytes:
+        if kind != events.CHUNK or isinstance(item, bytes):
+            return bytes(item)
+        if isinstance(item, tuple):
+            delta, finish_reason = item
+            return events.chunk(self._completion_id, self._created, self._model, delta, finish_reason)
+        return events.chunk(self._completion_id, self._created, self._model, item)
+
+    async def _write(self, batch: list[tuple[bytes, Any]]) -> None:
+        entries = []
+        text = ""
+        for kind, item in batch:
+            self.seq += 1
+            entries.append((event_id(self.seq), events.entry_fields(kind, self._encode(kind, item))))
+            if kind == events.CHUNK and isinstance(item, dict):
+                text += item.get("content", "")
+        offset = self._content_bytes
+        encoded = text.encode()
+        self._content_bytes += len(encoded)
+        for attempt in range(_RETRIES):
+            try:
+                await self._send(entries, offset, encoded)
+                return
+            except (RedisConnectionError, RedisTimeoutError):
+                if attempt == _RETRIES - 1:
+                    raise
+                await asyncio.sleep(0.05 * 2**attempt)
+
+    async def _send(self, entries: list[tuple[str, dict[bytes, bytes]]], offset: int, text: bytes) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry_id, fields in entries:
+                pipe.xadd(
+                    self._events_key,
+                    fields,  # type: ignore[arg-type]
+                    id=entry_id,
+                    maxlen=self._max_events,
+                    approximate=True,
+                )
+            if text:
+                # SETRANGE at a known offset, unlike APPEND, is safe to repeat.
+                pipe.setrange(self._content_key, offset, text)
+            pipe.hget(self._meta_key, keys.Meta.CANCEL)
+            results = await pipe.execute(raise_on_error=False)
+        for result in results[: len(entries)]:
+            # An id that is already stored was written by an earlier attempt.
+            if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
+                raise result
+        if results[-1]:
+            self.cancel_requested = True
+
+
+def _can_merge(previous: dict[str, Any], delta: dict[str, Any]) -> bool:
+    """Two deltas that only add text of the same kinds become one."""
+    return bool(delta) and all(k in _COALESCIBLE for k in delta) and all(k in _COALESCIBLE for k in previous)
