@@ -1,4 +1,11 @@
-"""Server-Sent Events, in the OpenAI chunk format: ``id: <event id>`` + ``data: <chunk>``, then ``data: [DONE]``."""
+"""Server-Sent Events, in the OpenAI chunk format: ``id: <event id>`` + ``data: <chunk>``, then ``data: [DONE]``.
+
+Deliberate deviation from the usual SSE habits: the heartbeat comment and the
+``retry:`` line are *not* followed by a blank line. Once an ``id:`` has been seen,
+the OpenAI SDKs' (and httpx-sse's) decoders dispatch an event with empty data on
+every blank line, and the SDK then fails to parse it as JSON. A lone comment or
+retry line is legal SSE and dispatches nothing.
+"""
 
 from __future__ import annotations
 
@@ -13,8 +20,8 @@ RETRY_MS = 1000
 
 class SSE:
     media_type = b"text/event-stream; charset=utf-8"
-    heartbeat = b": ping\n\n"
-    preamble = f"retry: {RETRY_MS}\n\n".encode()
+    heartbeat = b": ping\n"
+    preamble = f"retry: {RETRY_MS}\n".encode()
 
     @staticmethod
     def frame(event: Event) -> bytes:

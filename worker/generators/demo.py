@@ -1,6 +1,7 @@
 """The demo generator: deterministic text from the prompt (same prompt and seed, same text).
 
-Paced by ``FANLINE_DEMO_TOKENS_PER_S`` (0: no delay); honours ``max_tokens``.
+Paced by ``FANLINE_DEMO_TOKENS_PER_S`` (0: no delay). Without ``max_tokens`` it
+writes 24–63 tokens and stops ("stop"); with it, exactly ``max_tokens`` ("length").
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ def natural_length(prompt: str, seed: int | None) -> int:
 
 async def demo(request: ChatCompletionRequest, ctx: GenerationContext) -> AsyncIterator[Delta]:
     prompt = request.prompt_text()
-    natural = natural_length(prompt, request.seed)
+    # With max_tokens the demo writes exactly that many tokens and stops for "length"
+    # (so tests and the benchmark choose a generation's size); else a natural length.
     limit = request.token_limit
-    count = natural if limit is None else min(natural, limit)
-    ctx.finish_reason = "length" if limit is not None and limit < natural else "stop"
+    count = natural_length(prompt, request.seed) if limit is None else limit
+    ctx.finish_reason = "stop" if limit is None else "length"
     pace = ctx.settings.demo_tokens_per_s
     interval = 1.0 / pace if pace > 0 else 0.0
     loop = asyncio.get_running_loop()
