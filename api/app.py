@@ -8,15 +8,34 @@ from contextlib import asynccontextmanager
 
 from arq.connections import RedisSettings, create_pool
 from fastapi import FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import errors
+from api import errors, web
+from api.errors import error_response
 from api.generations import Generations
 from api.hub import Hub
 from api.routes import router
 from shared.connections import events_redis
+from shared.errors import Unavailable
+from shared.reaper import Reaper
 from shared.settings import Settings
 
 log = logging.getLogger("fanline.api")
+
+
+class RefuseWhileDraining:
+    """New requests to a pod that is shutting down get 503 ``draining`` (pure ASGI:
+    BaseHTTPMiddleware would copy every streamed chunk through a memory stream)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/healthz" and getattr(scope["app"].state, "draining", False):
+            response = error_response(Unavailable("this pod is shutting down; retry on another", code="draining"))
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -28,6 +47,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         queue = await create_pool(RedisSettings.from_dsn(settings.queue_url), default_queue_name=settings.queue_name)
         hub = Hub(redis, settings)
         await hub.start()
+        reaper = Reaper(redis, settings)
+        reaper.start()
         app.state.settings = settings
         app.state.redis = redis
         app.state.queue = queue
@@ -38,11 +59,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
+            await reaper.stop()
             await hub.stop()
             await queue.aclose()
             await redis.aclose()
 
     app = FastAPI(title="fanline", version="0.1.0", lifespan=lifespan)
     errors.install(app)
+    app.add_middleware(RefuseWhileDraining)
+
     app.include_router(router)
+    app.include_router(web.router)
     return app

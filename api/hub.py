@@ -33,14 +33,14 @@ from redis.exceptions import RedisError
 
 from shared import keys
 from shared.errors import Conflict, Unavailable
-from shared.events import Event
+from shared.events import END, ERROR, Event, error_payload
 from shared.ids import event_id
 from shared.settings import Settings
 
 log = logging.getLogger("fanline.hub")
 
 _READ_COUNT = 1000  # entries per stream per XREAD
-_VIEWED_REFRESH_S = 5.0
+_VIEWED_REFRESH_S = 2.0
 
 
 class Topic:
@@ -87,10 +87,26 @@ class HistoryGone(Conflict):
     code = "event_id_expired"
 
 
+class Draining(Exception):
+    """This pod is shutting down: the viewer should reconnect (to another pod) and resume."""
+
+
+# KEYS: meta. Refreshes viewed_at only on a generation that still exists (a bare
+# HSET would bring back a hash that expired or that a Redis restart lost).
+_TOUCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'viewed_at', ARGV[1])
+return 1
+"""
+_LOST_MESSAGE = "this generation was lost by Redis (restarted without persistence?)"
+
+
 class Hub:
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self._redis = redis
-        self._settings = settings
+        self.settings = settings
+        self._touch = redis.register_script(_TOUCH)
+        self._drain: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._topics: dict[str, Topic] = {}
         self._by_key: dict[bytes, Topic] = {}
         self._reader: asyncio.Task[None] | None = None
@@ -115,6 +131,15 @@ class Hub:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+    def drain(self) -> None:
+        """Ask every viewer on this pod to reconnect elsewhere (SIGTERM)."""
+        if not self._drain.done():
+            self._drain.set_result(None)
+
+    @property
+    def draining(self) -> bool:
+        return self._drain.done()
+
     @property
     def topic_count(self) -> int:
         return len(self._topics)
@@ -129,12 +154,15 @@ class Hub:
         """Batches of events strictly after ``cursor``, ending with the end event.
 
         Yields None when nothing happened for a heartbeat interval. Returns when
-        ``stop`` completes (the client went away).
+        ``stop`` completes (the client went away); raises Draining when the pod
+        is shutting down, and HistoryGone when the cursor is older than Redis keeps.
         """
         topic = self._subscribe(gen_id, cursor)
-        limit = self._settings.hub_batch_events
+        limit = self.settings.hub_batch_events
         try:
             while True:
+                if self._drain.done():
+                    raise Draining
                 batch = topic.after(cursor, limit)
                 if batch is None:
                     batch = await self._history(topic, cursor, limit)
@@ -145,7 +173,9 @@ class Hub:
                         return
                     continue
                 done, _ = await asyncio.wait(
-                    (topic.changed, stop), timeout=self._settings.heartbeat_s, return_when=asyncio.FIRST_COMPLETED
+                    (topic.changed, stop, self._drain),
+                    timeout=self.settings.heartbeat_s,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
                 if stop in done:
                     return
@@ -168,7 +198,7 @@ class Hub:
     def _subscribe(self, gen_id: str, cursor: int) -> Topic:
         topic = self._topics.get(gen_id)
         if topic is None:
-            topic = Topic(gen_id, cursor, self._settings.hub_buffer_events)
+            topic = Topic(gen_id, cursor, self.settings.hub_buffer_events)
             self._topics[gen_id] = topic
             self._by_key[topic.key] = topic
             self._topics_added.set()
@@ -195,7 +225,7 @@ class Hub:
                 continue
             streams: dict[Any, Any] = {t.key: event_id(t.last_seq) for t in live}
             self._read = asyncio.ensure_future(
-                self._redis.xread(streams, count=_READ_COUNT, block=self._settings.hub_block_ms)
+                self._redis.xread(streams, count=_READ_COUNT, block=self.settings.hub_block_ms)
             )
             try:
                 response = await self._read
@@ -221,20 +251,32 @@ class Hub:
                     topic.append(Event.from_entry(entry_id, fields) for entry_id, fields in entries)
 
     async def _refresh_viewed(self) -> None:
-        """Tell workers these generations still have viewers (for FANLINE_IDLE_CANCEL_S)."""
+        """Tell workers these generations still have viewers (for FANLINE_IDLE_CANCEL_S),
+        and end, for the viewers, any generation Redis no longer has."""
         while True:
             await asyncio.sleep(_VIEWED_REFRESH_S)
-            watched = [t.gen_id for t in self._topics.values() if not t.finished]
+            watched = [t for t in self._topics.values() if not t.finished]
             if not watched:
                 continue
-            now = str(int(time.time()))
+            now = int(time.time())
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    for gen_id in watched:
-                        pipe.hset(keys.meta_key(gen_id), keys.Meta.VIEWED_AT, now)
-                    await pipe.execute()
+                    for topic in watched:
+                        await self._touch(keys=[keys.meta_key(topic.gen_id)], args=[now], client=pipe)
+                    exists = await pipe.execute()
             except RedisError as exc:
                 log.warning("refreshing viewed_at: %s", exc)
+                continue
+            for topic, found in zip(watched, exists, strict=True):
+                if not found and not topic.finished:
+                    log.warning("generation %s: gone from Redis; ending it for its viewers", topic.gen_id)
+                    seq = topic.last_seq
+                    topic.append(
+                        [
+                            Event(seq + 1, ERROR, error_payload(_LOST_MESSAGE, "generation_lost")),
+                            Event(seq + 2, END, b""),
+                        ]
+                    )
 
 
 def unavailable() -> Unavailable:

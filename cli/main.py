@@ -54,18 +54,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return up(settings, args.host, args.port, args.workers, args.data_dir)
     if args.command == "api":
-        import uvicorn
+        from api.server import run as run_api
 
-        from api.app import create_app
-
-        uvicorn.run(
-            create_app(settings),
-            host=args.host,
-            port=args.port,
-            log_level=settings.log_level.lower(),
-            timeout_graceful_shutdown=10,
-            ws_max_size=65536,
-        )
+        run_api(settings, args.host, args.port)
         return 0
     if args.command == "worker":
         from worker.main import run

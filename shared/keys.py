@@ -34,6 +34,10 @@ def gen_id_of(key: bytes) -> str:
     return key[start : key.index(b"}", start)].decode()
 
 
+# Generations being run, scored by their worker's last heartbeat (unix seconds):
+# what the reaper (shared/reaper.py) scans for dead workers.
+RUNNING = f"{PREFIX}:running"
+
 # Pub/sub channels on the queue Redis. WAKE tells workers a job was enqueued (so
 # job start does not wait on arq's polling); CANCEL carries a generation id.
 WAKE_CHANNEL = f"{PREFIX}:wake"

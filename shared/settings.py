@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     hub_batch_events: int = Field(256, ge=1)
     hub_block_ms: int = Field(2000, ge=10)
     heartbeat_s: float = Field(15.0, gt=0, le=15.0)
+    # A viewer whose connection accepts no bytes for this long is cut off (it can resume).
+    slow_viewer_timeout_s: float = Field(30.0, gt=0)
     # Cancel a generation that has had no viewer for this long; 0 = never.
     idle_cancel_s: float = Field(0.0, ge=0)
 
@@ -55,6 +57,18 @@ class Settings(BaseSettings):
     # arq's fallback polling; job start does not wait on it (see worker/main.py).
     worker_poll_delay_s: float = Field(0.5, gt=0)
     worker_heartbeat_s: float = Field(1.0, gt=0)
+    # A running generation whose heartbeat is older than this is ended with a
+    # "worker_lost" error by any reaper (API pods and workers run one).
+    worker_lost_after_s: float = Field(5.0, gt=0)
+    reap_interval_s: float = Field(2.0, gt=0)
+    # On SIGTERM a worker finishes its generations for up to this long, then ends
+    # the rest with an explicit "worker_shutdown" error.
+    worker_grace_s: float = Field(25.0, ge=0)
+
+    # API pod: connections it holds at most (past it, new ones get 503), and how
+    # long a SIGTERM drain may take before the remaining connections are cut.
+    max_connections: int = Field(19_000, ge=1)
+    drain_timeout_s: float = Field(10.0, ge=0)
 
     log_level: str = "info"
 

@@ -1,10 +1,10 @@
 """The generation job: run a generator for one request and publish what it yields.
 
 arq job ``generate(gen_id)``
-  ├── reads the request from the generation's metadata
+  ├── reads the request from the generation's metadata, marks it running
   ├── runs the generator in a task, feeding the Publisher
-  ├── a keepalive task: heartbeat, cancel flag, idle-viewer cancel
-  └── publishes the final chunk / usage / end, writes the outcome, sets expiry
+  ├── a keepalive task: heartbeat (for the reaper), cancel flag, idle-viewer cancel
+  └── publishes the final chunk / usage / end (or an error), writes the outcome, sets expiry
 """
 
 from __future__ import annotations
@@ -29,6 +29,17 @@ log = logging.getLogger("fanline.worker")
 
 TERMINAL = {b"completed", b"failed", b"cancelled"}
 
+# The heartbeat is written only while the generation is still running, so a
+# generation that was reaped, or lost by a Redis restart, is not brought back.
+_BEAT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'running' then redis.call('HSET', KEYS[1], 'heartbeat', ARGV[1]) end
+return {status or false, redis.call('HGET', KEYS[1], 'cancel') or false,
+        redis.call('HGET', KEYS[1], 'viewed_at') or false}
+"""
+# How long a worker that is being stopped may take to write the error it ends a generation with.
+_SHUTDOWN_WRITE_S = 5.0
+
 
 class Running:
     """The generations this worker process is running, so a cancel message can reach them."""
@@ -44,13 +55,17 @@ class Running:
         return True
 
 
+class Disowned(Exception):
+    """The generation is no longer this worker's to write (reaped, or lost by Redis)."""
+
+
 async def generate(ctx: dict[str, Any], gen_id: str) -> str:
     settings: Settings = ctx["settings"]
     redis: aioredis.Redis = ctx["events_redis"]
     generator: Generator = ctx["generator"]
     running: Running = ctx["running"]
 
-    events_key, meta_key, content_key = keys.generation_keys(gen_id)
+    meta_key = keys.meta_key(gen_id)
     meta = await redis.hgetall(meta_key)  # type: ignore[misc]
     if not meta:
         log.warning("generation %s: no metadata (expired?), skipping", gen_id)
@@ -64,29 +79,43 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
     publisher = Publisher(redis, gen_id, request.model, created, max_events=settings.stream_max_events)
     gen_ctx = GenerationContext(gen_id=gen_id, settings=settings)
 
-    await redis.hset(meta_key, mapping={Meta.STATUS: "running", Meta.HEARTBEAT: str(int(time.time()))})  # type: ignore[misc]
-    cancelled = meta.get(Meta.CANCEL.encode()) == b"1"
-    error: tuple[str, str] | None = None
+    now = time.time()
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hset(meta_key, mapping={Meta.STATUS: "running", Meta.HEARTBEAT: str(int(now))})
+        pipe.zadd(keys.RUNNING, {gen_id: now})
+        await pipe.execute()
 
     async def produce() -> None:
         async for delta in generator(request, gen_ctx):
             publisher.add(delta)
+            if publisher.disowned:
+                raise Disowned
             if publisher.cancel_requested:
                 raise asyncio.CancelledError
             # Let the flusher run between tokens of a generator that never awaits.
             await asyncio.sleep(0)
 
+    cancelled = meta.get(Meta.CANCEL.encode()) == b"1"
+    error: tuple[str, str] | None = None
     if not cancelled:
         task = asyncio.create_task(produce(), name=f"generate-{gen_id}")
         running.tasks[gen_id] = task
-        keepalive = asyncio.create_task(_keepalive(redis, settings, meta_key, task, publisher))
+        keepalive = asyncio.create_task(_keepalive(redis, settings, gen_id, task, publisher))
         try:
             await task
         except asyncio.CancelledError:
             current = asyncio.current_task()
+            if publisher.disowned:
+                log.warning("generation %s: no longer ours (reaped or lost by Redis); stopping", gen_id)
+                return "disowned"
             if current is not None and current.cancelling():
-                raise  # the job itself is being cancelled (worker shutdown), not the generation
+                # The worker is stopping and its grace period is over: say so to the viewers.
+                await _end_on_shutdown(publisher, redis, gen_id, settings)
+                raise
             cancelled = True
+        except Disowned:
+            log.warning("generation %s: no longer ours (reaped or lost by Redis); stopping", gen_id)
+            return "disowned"
         except GenerationFailed as exc:
             error = (exc.message, exc.code)
         except Exception as exc:
@@ -98,46 +127,73 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
             await asyncio.gather(keepalive, return_exceptions=True)
 
     if error is not None:
-        status, finish_reason = "failed", ""
+        status_text, finish_reason = "failed", ""
         last_id = await publisher.fail(*error)
     else:
-        status = "cancelled" if cancelled else "completed"
+        status_text = "cancelled" if cancelled else "completed"
         finish_reason = "cancelled" if cancelled else gen_ctx.finish_reason
         last_id = await publisher.finish(finish_reason, gen_ctx.usage, request.include_usage)
+    await _write_outcome(redis, settings, gen_id, status_text, last_id, finish_reason, gen_ctx.usage, error)
+    log.info("generation %s %s after %d events", gen_id, status_text, publisher.seq)
+    return status_text
 
+
+async def _write_outcome(
+    redis: aioredis.Redis,
+    settings: Settings,
+    gen_id: str,
+    status: str,
+    last_id: str,
+    finish_reason: str,
+    usage: dict[str, int] | None,
+    error: tuple[str, str] | None,
+) -> None:
     outcome: dict[str, str] = {Meta.STATUS: status, Meta.LAST_EVENT_ID: last_id, Meta.FINISH_REASON: finish_reason}
-    if gen_ctx.usage is not None:
-        outcome[Meta.USAGE] = orjson.dumps(gen_ctx.usage).decode()
+    if usage is not None:
+        outcome[Meta.USAGE] = orjson.dumps(usage).decode()
     if error is not None:
         outcome[Meta.ERROR] = orjson.dumps({"message": error[0], "code": error[1]}).decode()
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hset(meta_key, mapping=outcome)
-        for key in (events_key, meta_key, content_key):
+        pipe.hset(keys.meta_key(gen_id), mapping=outcome)
+        for key in keys.generation_keys(gen_id):
             pipe.expire(key, settings.retention_s)
+        pipe.zrem(keys.RUNNING, gen_id)
         await pipe.execute()
-    log.info("generation %s %s after %d events", gen_id, status, publisher.seq)
-    return status
+
+
+async def _end_on_shutdown(publisher: Publisher, redis: aioredis.Redis, gen_id: str, settings: Settings) -> None:
+    message = "the worker was stopped before this generation finished"
+    try:
+        async with asyncio.timeout(_SHUTDOWN_WRITE_S):
+            last_id = await asyncio.shield(publisher.fail(message, "worker_shutdown"))
+            await _write_outcome(redis, settings, gen_id, "failed", last_id, "", None, (message, "worker_shutdown"))
+    except Exception as exc:  # the reaper will end it as worker_lost instead
+        log.warning("generation %s: could not write its shutdown error: %s", gen_id, exc)
 
 
 async def _keepalive(
     redis: aioredis.Redis,
     settings: Settings,
-    meta_key: str,
+    gen_id: str,
     task: asyncio.Task[None],
     publisher: Publisher,
 ) -> None:
-    """Heartbeat for worker-loss detection; the cancel flag and idle-viewer cancel, for a generator that is quiet."""
+    """Heartbeat for the reaper; the cancel flag and idle-viewer cancel, for a generator that is quiet."""
+    meta_key = keys.meta_key(gen_id)
+    beat = redis.register_script(_BEAT)
     while not task.done():
         await asyncio.sleep(settings.worker_heartbeat_s)
-        now = int(time.time())
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.hset(meta_key, Meta.HEARTBEAT, str(now))
-            pipe.hmget(meta_key, [Meta.CANCEL, Meta.VIEWED_AT])
-            _, (cancel, viewed_at) = await pipe.execute()
+        now = time.time()
+        status, cancel, viewed_at = await beat(keys=[meta_key], args=[int(now)])
+        await redis.zadd(keys.RUNNING, {gen_id: now})
+        if status != b"running":
+            publisher.disowned = True
+            task.cancel()
+            return
         idle = settings.idle_cancel_s > 0 and viewed_at is not None and now - int(viewed_at) > settings.idle_cancel_s
         if cancel or idle:
             if idle:
-                log.info("%s: no viewer for %.0f s, cancelling", meta_key, settings.idle_cancel_s)
+                log.info("generation %s: no viewer for %.0f s, cancelling", gen_id, settings.idle_cancel_s)
             publisher.cancel_requested = True
             task.cancel()
             return

@@ -22,6 +22,7 @@ from arq.worker import Worker, func
 
 from shared import keys
 from shared.connections import events_redis, queue_redis
+from shared.reaper import Reaper
 from shared.settings import Settings
 from worker.generators import load_generator
 from worker.job import Running, generate
@@ -94,9 +95,14 @@ def build_worker(settings: Settings) -> Worker:
         listener = _Listener(worker, queue_redis(settings, pubsub=True), running)
         listener.task = asyncio.create_task(listener.run(), name="wake-listener")
         state["listener"] = listener
+        reaper = Reaper(ctx["events_redis"], settings)
+        reaper.start()
+        state["reaper"] = reaper
         log.info("worker ready: generator=%s max_jobs=%d", settings.generator, settings.worker_max_jobs)
 
     async def shutdown(ctx: dict[str, Any]) -> None:
+        if "reaper" in state:
+            await state["reaper"].stop()
         listener: _Listener | None = state.get("listener")
         if listener is not None and listener.task is not None:
             listener.task.cancel()
@@ -118,6 +124,9 @@ def build_worker(settings: Settings) -> Worker:
         keep_result=0,
         handle_signals=True,
         health_check_interval=60,
+        # SIGTERM: take no new jobs, let running generations finish for this long,
+        # then cancel them (each ends with a "worker_shutdown" error; see job.py).
+        job_completion_wait=int(settings.worker_grace_s),
     )
     return worker
 

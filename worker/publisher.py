@@ -7,25 +7,46 @@ token after an idle moment is written at once.
 
 Entries carry explicit ids ``<seq>-0``. A write that is retried after a lost
 reply re-sends the same ids; Redis refuses the ones already stored, so an event
-is never duplicated.
+is never duplicated. Each write is one Lua script that first checks the
+generation is still running: once a reaper has ended it (shared/reaper.py), or
+Redis has lost it, nothing more is written and the worker stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import events, keys
 from shared.events import Delta
 from shared.ids import event_id
 
+log = logging.getLogger("fanline.worker")
+
 _COALESCIBLE = ("content", "reasoning_content")
-_RETRIES = 5
+
+# KEYS: meta, events, content. ARGV: content offset, content bytes, maxlen, then
+# (id, kind, data, time) per entry. Returns {status, cancel flag}.
+_PUBLISH = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then return {status or false, false} end
+for i = 4, #ARGV, 4 do
+  local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], ARGV[i],
+                            'k', ARGV[i + 1], 'd', ARGV[i + 2], 't', ARGV[i + 3])
+  if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
+    return redis.error_reply(added.err)
+  end
+end
+if ARGV[2] ~= '' then redis.call('SETRANGE', KEYS[3], ARGV[1], ARGV[2]) end
+return {status, redis.call('HGET', KEYS[1], 'cancel') or false}
+"""
+_RETRY_FOR_S = 30.0
 
 
 class Publisher:
@@ -39,6 +60,7 @@ class Publisher:
         max_events: int,
     ) -> None:
         self._redis = redis
+        self._script = redis.register_script(_PUBLISH)
         self._gen_id = gen_id
         self._events_key, self._meta_key, self._content_key = keys.generation_keys(gen_id)
         self._completion_id = events.completion_id(gen_id)
@@ -52,6 +74,9 @@ class Publisher:
         self._flusher: asyncio.Task[None] | None = None
         self._failure: BaseException | None = None
         self.cancel_requested = False
+        # Set when the generation is no longer ours: a reaper declared this worker
+        # lost, or Redis lost the generation. Nothing more is written then.
+        self.disowned = False
 
     # -- producing ---------------------------------------------------------
 
@@ -134,36 +159,30 @@ class Publisher:
         offset = self._content_bytes
         encoded = text.encode()
         self._content_bytes += len(encoded)
-        for attempt in range(_RETRIES):
+        # Redis may be away for a few seconds (a restart, a failover): retry the same
+        # write, which is safe (see the module docstring), until it is back.
+        deadline = time.monotonic() + _RETRY_FOR_S
+        delay = 0.05
+        while True:
             try:
                 await self._send(entries, offset, encoded)
                 return
-            except (RedisConnectionError, RedisTimeoutError):
-                if attempt == _RETRIES - 1:
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                if time.monotonic() > deadline:
                     raise
-                await asyncio.sleep(0.05 * 2**attempt)
+                log.warning("publishing %s: %s; retrying in %.2f s", self._gen_id, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
 
     async def _send(self, entries: list[tuple[str, dict[bytes, bytes]]], offset: int, text: bytes) -> None:
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for entry_id, fields in entries:
-                pipe.xadd(
-                    self._events_key,
-                    fields,  # type: ignore[arg-type]
-                    id=entry_id,
-                    maxlen=self._max_events,
-                    approximate=True,
-                )
-            if text:
-                # SETRANGE at a known offset, unlike APPEND, is safe to repeat.
-                pipe.setrange(self._content_key, offset, text)
-            pipe.hget(self._meta_key, keys.Meta.CANCEL)
-            results = await pipe.execute(raise_on_error=False)
-        for result in results[: len(entries)]:
-            # An id that is already stored was written by an earlier attempt.
-            if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
-                raise result
-        if results[-1]:
+        args: list[Any] = [offset, text, self._max_events]
+        for entry_id, fields in entries:
+            args += [entry_id, fields[b"k"], fields[b"d"], fields[b"t"]]
+        status, cancel = await self._script(keys=[self._meta_key, self._events_key, self._content_key], args=args)
+        if cancel:
             self.cancel_requested = True
+        if status != b"running":
+            self.disowned = True
 
 
 def _can_merge(previous: dict[str, Any], delta: dict[str, Any]) -> bool:

@@ -8,13 +8,17 @@ WebSocket transport lives in ``websocket.py``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any, Protocol
 
+from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from api.hub import HistoryGone, Hub
+from api.hub import Draining, HistoryGone, Hub
 from shared.events import Event
+
+log = logging.getLogger("fanline.api")
 
 
 class Transport(Protocol):
@@ -25,6 +29,10 @@ class Transport(Protocol):
     def frame(self, event: Event) -> bytes: ...
 
     def error(self, exc: HistoryGone) -> bytes: ...
+
+    def reconnect(self, last_seq: int) -> bytes:
+        """The hint sent before this pod closes a stream that has not ended (drain)."""
+        ...
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -60,22 +68,35 @@ class EventStreamResponse(Response):
         ] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        if self.transport.preamble:
-            await send({"type": "http.response.body", "body": self.transport.preamble, "more_body": True})
+        transport = self.transport
+        # A viewer whose socket accepts nothing for this long is cut off (it can resume);
+        # until then, flow control holds it in this await, and it holds no one else.
+        send_timeout = self.hub.settings.slow_viewer_timeout_s
         gone: asyncio.Task[Any] = asyncio.ensure_future(wait_disconnect(receive))
-        frame = self.transport.frame
+        cursor = self.cursor
         try:
-            async for batch in self.hub.follow(self.gen_id, self.cursor, gone):
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            if transport.preamble:
+                await send({"type": "http.response.body", "body": transport.preamble, "more_body": True})
+            async for batch in self.hub.follow(self.gen_id, cursor, gone):
                 if batch is None:
-                    body = self.transport.heartbeat
+                    body = transport.heartbeat
                 elif len(batch) == 1:
-                    body = frame(batch[0])
+                    body = transport.frame(batch[0])
                 else:
-                    body = b"".join([frame(e) for e in batch])
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+                    body = b"".join([transport.frame(e) for e in batch])
+                async with asyncio.timeout(send_timeout):
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                if batch:
+                    cursor = batch[-1].seq
         except HistoryGone as exc:
-            await send({"type": "http.response.body", "body": self.transport.error(exc), "more_body": True})
+            await send({"type": "http.response.body", "body": transport.error(exc), "more_body": True})
+        except (Draining, RedisError):  # RedisError: history could not be read; resume later
+            await send({"type": "http.response.body", "body": transport.reconnect(cursor), "more_body": True})
+        except TimeoutError:
+            # The connection is closed without completing the response; the client resumes.
+            log.info("viewer of %s accepted nothing for %.0f s; cut off", self.gen_id, send_timeout)
+            return
         finally:
             gone.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})

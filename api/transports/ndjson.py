@@ -1,6 +1,7 @@
 """Chunked NDJSON: one ``{"id", "chunk"}`` object a line, ending with ``{"id", "done": true}``.
 
-Heartbeats are empty lines, which NDJSON readers skip.
+Heartbeats are empty lines, which NDJSON readers skip. A pod that shuts down ends
+open streams with ``{"id": <last id>, "reconnect": true}``.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import orjson
 
 from api.hub import HistoryGone
 from shared.events import Event
+from shared.ids import event_id
 
 
 class NDJSON:
@@ -23,3 +25,8 @@ class NDJSON:
     @staticmethod
     def error(exc: HistoryGone) -> bytes:
         return orjson.dumps(exc.body()) + b"\n"
+
+    @staticmethod
+    def reconnect(last_seq: int) -> bytes:
+        """``{"id": <last event id sent>, "reconnect": true}``: resume after that id."""
+        return orjson.dumps({"id": event_id(last_seq), "reconnect": True}) + b"\n"

@@ -16,6 +16,8 @@ from shared.events import Event
 
 # A browser's EventSource reconnects after this many ms (with Last-Event-ID).
 RETRY_MS = 1000
+# ... and after this many when a pod that is shutting down closes the stream.
+DRAIN_RETRY_MS = 250
 
 
 class SSE:
@@ -30,3 +32,9 @@ class SSE:
     @staticmethod
     def error(exc: HistoryGone) -> bytes:
         return b"data: " + orjson.dumps(exc.body()) + b"\n\ndata: [DONE]\n\n"
+
+    @staticmethod
+    def reconnect(last_seq: int) -> bytes:
+        # EventSource reconnects after `retry` ms with its Last-Event-ID; other
+        # clients see the stream end without [DONE] and resume the same way.
+        return f"retry: {DRAIN_RETRY_MS}\n: reconnect and resume\n".encode()

@@ -11,9 +11,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from api.hub import HistoryGone, Hub
+from api.hub import Draining, HistoryGone, Hub
 
 MAX_CLIENT_MESSAGE_BYTES = 4096
 
@@ -40,6 +41,8 @@ async def serve(
     except HistoryGone as exc:
         await websocket.send_text(orjson.dumps(exc.body()).decode())
         await websocket.close(1000)
+    except (Draining, RedisError):
+        await websocket.close(1012, "service restart: reconnect and resume")
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client left while we were sending
     finally:

@@ -1,0 +1,62 @@
+"""``fanline api``: one API pod on uvicorn, with a graceful drain on SIGTERM (Guarantee 5).
+
+On SIGTERM (or Ctrl-C) the pod, before uvicorn's own shutdown:
+  1. turns /readyz to 503 and answers new requests with 503 ``draining``;
+  2. sends every open stream a reconnect hint and closes it (the hub's drain),
+     so clients resume on another pod;
+then uvicorn stops accepting, waits for the streams to close (bounded by
+``drain_timeout_s``) and the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from api.app import create_app
+from shared.settings import Settings
+
+log = logging.getLogger("fanline.api")
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)  # type: ignore[arg-type]
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._loop is not None and not self.should_exit:
+            self._loop.call_soon_threadsafe(self._drain)
+        super().handle_exit(sig, frame)
+
+    def _drain(self) -> None:
+        state = self._app.state
+        state.draining = True
+        hub = getattr(state, "hub", None)
+        if hub is not None:
+            log.info("draining: %d viewer(s) told to reconnect elsewhere", hub.viewer_count)
+            hub.drain()
+
+
+def run(settings: Settings, host: str, port: int) -> None:
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=settings.log_level.lower(),
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        ws_max_size=65536,
+        limit_concurrency=settings.max_connections,
+        timeout_keep_alive=5,
+    )
+    _Server(config, app).run()

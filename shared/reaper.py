@@ -1,0 +1,92 @@
+"""The reaper: ends generations whose worker died, so no viewer hangs (Guarantee 4).
+
+A worker refreshes its generation's heartbeat every ``worker_heartbeat_s`` and keeps
+it in the ``fanline:running`` sorted set (score: heartbeat time). Every API pod and
+every worker runs a reaper that looks for entries older than ``worker_lost_after_s``
+and, in one Lua script per generation (atomic; its keys share one hash tag), checks
+that it is still running with a stale heartbeat, appends an error event
+(``code: "worker_lost"``) and the end, marks it failed and sets its expiry.
+Several reapers racing is harmless: the script acts once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from shared import events, keys
+from shared.settings import Settings
+
+log = logging.getLogger("fanline.reaper")
+
+_FAIL_IF_STALE = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if status ~= 'running' then return 0 end
+local heartbeat = tonumber(redis.call('HGET', KEYS[1], 'heartbeat') or '0')
+if heartbeat > tonumber(ARGV[1]) then return 0 end
+local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local seq = 0
+if #newest > 0 then seq = tonumber(string.match(newest[1][1], '^(%d+)')) end
+redis.call('XADD', KEYS[2], (seq + 1) .. '-0', 'k', 'e', 'd', ARGV[2], 't', ARGV[4])
+redis.call('XADD', KEYS[2], (seq + 2) .. '-0', 'k', 'd', 'd', '', 't', ARGV[4])
+redis.call('HSET', KEYS[1], 'status', 'failed', 'finish_reason', '', 'error', ARGV[3],
+           'last_event_id', (seq + 2) .. '-0')
+for i = 1, 3 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[5])) end
+return 1
+"""
+
+WORKER_LOST_MESSAGE = "the worker running this generation stopped responding"
+
+
+class Reaper:
+    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
+        self._redis = redis
+        self._settings = settings
+        self._script = redis.register_script(_FAIL_IF_STALE)
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._loop(), name="reaper")
+
+    async def stop(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.reap_interval_s)
+            try:
+                await self.reap_once()
+            except RedisError as exc:
+                log.warning("reaper: %s", exc)
+
+    async def reap_once(self) -> int:
+        """Fails every stale generation; returns how many this call failed."""
+        deadline = time.time() - self._settings.worker_lost_after_s
+        stale = await self._redis.zrangebyscore(keys.RUNNING, "-inf", deadline, start=0, num=100)
+        failed = 0
+        for member in stale:
+            gen_id = member.decode()
+            events_key, meta_key, content_key = keys.generation_keys(gen_id)
+            error = events.error_payload(WORKER_LOST_MESSAGE, "worker_lost")
+            done = await self._script(
+                keys=[meta_key, events_key, content_key],
+                args=[
+                    int(deadline),
+                    error,
+                    orjson.dumps({"message": WORKER_LOST_MESSAGE, "code": "worker_lost"}),
+                    time.time_ns() // 1000,
+                    self._settings.retention_s,
+                ],
+            )
+            await self._redis.zrem(keys.RUNNING, gen_id)
+            if done:
+                failed += 1
+                log.warning("generation %s: worker lost, ended with an error", gen_id)
+        return failed
