@@ -8,9 +8,11 @@ from contextlib import asynccontextmanager
 
 from arq.connections import RedisSettings, create_pool
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import errors, web
+from api.auth import Auth
 from api.errors import error_response
 from api.generations import Generations
 from api.hub import Hub
@@ -66,7 +68,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="fanline", version="0.1.0", lifespan=lifespan)
     errors.install(app)
+    app.state.auth = Auth(settings)
     app.add_middleware(RefuseWhileDraining)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "last-event-id"],
+            expose_headers=["x-fanline-generation-id", "x-fanline-watch-token"],
+        )
 
     app.include_router(router)
     app.include_router(web.router)

@@ -12,7 +12,7 @@ from arq.connections import ArqRedis
 from pydantic import ValidationError
 
 from shared import keys
-from shared.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 from shared.ids import is_generation_id, new_generation_id
 from shared.keys import Meta
 from shared.requests import ChatCompletionRequest
@@ -75,7 +75,7 @@ class Generations:
         self._queue = queue
         self._settings = settings
 
-    async def create(self, request: ChatCompletionRequest) -> str:
+    async def create(self, request: ChatCompletionRequest, owner: str = "") -> str:
         gen_id = new_generation_id()
         now = int(time.time())
         meta_key = keys.meta_key(gen_id)
@@ -88,6 +88,7 @@ class Generations:
                     Meta.CREATED: now,
                     Meta.REQUEST: request.model_dump_json(exclude_none=True),
                     Meta.VIEWED_AT: now,
+                    Meta.OWNER: owner,
                 },
             )
             pipe.expire(meta_key, keys.UNFINISHED_TTL_S)
@@ -130,8 +131,10 @@ class Generations:
             "last_event_id": meta.get(Meta.LAST_EVENT_ID),
         }
 
-    async def cancel(self, gen_id: str) -> str:
+    async def cancel(self, gen_id: str, owner: str = "") -> str:
         generation = await self.get(gen_id)
+        if generation.meta.get(Meta.OWNER, "") != owner:
+            raise Forbidden("only the API key that created a generation can cancel it", code="not_owner")
         if generation.status == "cancelled":
             return "cancelled"
         if generation.finished:

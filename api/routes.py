@@ -9,13 +9,14 @@ from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
 
 from api import transports
+from api.auth import Auth
 from api.generations import Generation, Generations, check_size, parse_request
 from api.hub import Hub
 from api.transports.ndjson import NDJSON
 from api.transports.sse import SSE
 from api.transports.websocket import serve as serve_websocket
 from shared import events
-from shared.errors import FanlineError, InvalidRequest
+from shared.errors import Conflict, FanlineError, InvalidRequest
 from shared.ids import parse_event_id
 from shared.requests import ChatCompletionRequest
 from shared.settings import Settings
@@ -23,11 +24,17 @@ from shared.settings import Settings
 router = APIRouter()
 
 GEN_HEADER = "X-Fanline-Generation-Id"
+WATCH_TOKEN_HEADER = "X-Fanline-Watch-Token"
 
 
 def _hub(request: Request | WebSocket) -> Hub:
     hub: Hub = request.app.state.hub
     return hub
+
+
+def _auth(conn: Request | WebSocket) -> Auth:
+    auth: Auth = conn.app.state.auth
+    return auth
 
 
 def _generations(request: Request | WebSocket) -> Generations:
@@ -64,9 +71,12 @@ def _cursor(generation: Generation, last_event_id: str | None) -> int:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request) -> Response | transports.EventStreamResponse:
+    owner = _auth(request).require_key(request)
     body = await _read_request(request)
-    gen_id = await _generations(request).create(body)
+    gen_id = await _generations(request).create(body, owner)
     headers = {GEN_HEADER: gen_id}
+    if _auth(request).enabled:
+        headers[WATCH_TOKEN_HEADER] = _auth(request).watch_token(gen_id)
     if body.stream:
         return transports.EventStreamResponse(_hub(request), gen_id, 0, SSE(), headers)
     return await _complete(request, gen_id, headers)
@@ -106,28 +116,32 @@ async def _complete(request: Request, gen_id: str, headers: dict[str, str]) -> R
 
 @router.post("/v1/generations", status_code=201)
 async def create_generation(request: Request) -> JSONResponse:
+    auth = _auth(request)
+    owner = auth.require_key(request)
     body = await _read_request(request)
-    gen_id = await _generations(request).create(body)
-    return JSONResponse(
-        {
-            "id": gen_id,
-            "object": "generation",
-            "status": "queued",
-            "events_url": f"/v1/generations/{gen_id}/events",
-            "ws_url": f"/v1/generations/{gen_id}/ws",
-        },
-        status_code=201,
-        headers={GEN_HEADER: gen_id},
-    )
+    gen_id = await _generations(request).create(body, owner)
+    created: dict[str, str] = {
+        "id": gen_id,
+        "object": "generation",
+        "status": "queued",
+        "events_url": f"/v1/generations/{gen_id}/events",
+        "ws_url": f"/v1/generations/{gen_id}/ws",
+    }
+    headers = {GEN_HEADER: gen_id}
+    if auth.enabled:
+        created["watch_token"] = headers[WATCH_TOKEN_HEADER] = auth.watch_token(gen_id)
+    return JSONResponse(created, status_code=201, headers=headers)
 
 
 @router.get("/v1/generations/{gen_id}")
 async def get_generation(request: Request, gen_id: str) -> Response:
+    _auth(request).require_read(request, gen_id)
     return Response(orjson.dumps(await _generations(request).describe(gen_id)), media_type="application/json")
 
 
 @router.get("/v1/generations/{gen_id}/events", response_model=None)
 async def generation_events(request: Request, gen_id: str) -> transports.EventStreamResponse:
+    _auth(request).require_read(request, gen_id)
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     generation = await _generations(request).get(gen_id)
     cursor = _cursor(generation, last_event_id)
@@ -137,14 +151,17 @@ async def generation_events(request: Request, gen_id: str) -> transports.EventSt
 
 @router.post("/v1/generations/{gen_id}/cancel", status_code=202)
 async def cancel_generation(request: Request, gen_id: str) -> JSONResponse:
-    status = await _generations(request).cancel(gen_id)
+    owner = _auth(request).require_key(request)
+    status = await _generations(request).cancel(gen_id, owner)
     return JSONResponse({"id": gen_id, "object": "generation", "status": status}, status_code=202)
 
 
 @router.websocket("/v1/generations/{gen_id}/ws")
 async def generation_ws(websocket: WebSocket, gen_id: str) -> None:
     generations = _generations(websocket)
+    auth = _auth(websocket)
     try:
+        auth.require_read(websocket, gen_id)
         generation = await generations.get(gen_id)
         cursor = _cursor(generation, websocket.query_params.get("last_event_id"))
     except FanlineError as exc:
@@ -157,9 +174,11 @@ async def generation_ws(websocket: WebSocket, gen_id: str) -> None:
     await websocket.accept()
 
     async def cancel() -> None:
+        # Cancelling needs the API key that created the generation; a watch token only reads.
+        owner = auth.require_key(websocket)
         try:
-            await generations.cancel(gen_id)
-        except FanlineError:
+            await generations.cancel(gen_id, owner)
+        except Conflict:
             pass  # already finished: the stream ends by itself
 
     await serve_websocket(websocket, _hub(websocket), gen_id, cursor, cancel)

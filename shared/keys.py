@@ -61,6 +61,7 @@ class Meta:
     CANCEL = "cancel"  # "1" once a cancel was requested
     HEARTBEAT = "heartbeat"  # unix seconds, written by the worker running it
     VIEWED_AT = "viewed_at"  # unix seconds, refreshed by API pods with viewers
+    OWNER = "owner"  # which API key created it (a hash; "" with auth off)
 
 
 # Time a generation's keys live before it has finished (queued or running): long

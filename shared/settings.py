@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     demo_tokens_per_s: float = Field(30.0, ge=0)
 
     api_keys: str = ""
+    watch_token_secret: str = ""
+    watch_token_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    # Comma-separated origins allowed by CORS ("*" for any); empty: CORS off.
+    cors_origins: str = ""
     retention_s: int = Field(3600, ge=1)
 
     # Request limits.

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api.hub import Draining, HistoryGone, Hub
+from shared.errors import FanlineError
 
 MAX_CLIENT_MESSAGE_BYTES = 4096
 
@@ -67,7 +68,10 @@ async def _receive_loop(websocket: WebSocket, cancel: Callable[[], Awaitable[Non
             await _send_error(websocket, 'messages must be JSON, like {"type": "cancel"}')
             continue
         if isinstance(parsed, dict) and parsed.get("type") == "cancel":
-            await cancel()
+            try:
+                await cancel()
+            except FanlineError as exc:
+                await websocket.send_text(orjson.dumps(exc.body()).decode())
         else:
             await _send_error(websocket, 'unknown message; the only one accepted is {"type": "cancel"}')
 
