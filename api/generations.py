@@ -79,7 +79,7 @@ class Generations:
         gen_id = new_generation_id()
         now = int(time.time())
         meta_key = keys.meta_key(gen_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
+        async with self._redis.pipeline(transaction=False) as pipe:
             pipe.hset(
                 meta_key,
                 mapping={

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -32,7 +31,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.errors import Conflict, Unavailable
+from shared.errors import Conflict
 from shared.events import END, ERROR, Event, error_payload
 from shared.ids import event_id
 from shared.settings import Settings
@@ -105,14 +104,11 @@ class Hub:
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self._redis = redis
         self.settings = settings
-        self._touch = redis.register_script(_TOUCH)
         self._drain: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._topics: dict[str, Topic] = {}
         self._by_key: dict[bytes, Topic] = {}
-        self._reader: asyncio.Task[None] | None = None
-        self._read: asyncio.Task[Any] | None = None
+        self._readers: dict[str, _Reader] = {}
         self._refresher: asyncio.Task[None] | None = None
-        self._topics_added = asyncio.Event()
         self.healthy = True
         # Counters for /metrics and the tests.
         self.reads = 0
@@ -121,15 +117,16 @@ class Hub:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        self._reader = asyncio.create_task(self._read_loop(), name="hub-reader")
         self._refresher = asyncio.create_task(self._refresh_viewed(), name="hub-viewed")
 
     async def stop(self) -> None:
-        for task in (self._reader, self._refresher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        tasks = [r.task for r in self._readers.values() if r.task is not None]
+        if self._refresher is not None:
+            tasks.append(self._refresher)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._readers.clear()
 
     def drain(self) -> None:
         """Ask every viewer on this pod to reconnect elsewhere (SIGTERM)."""
@@ -201,9 +198,7 @@ class Hub:
             topic = Topic(gen_id, cursor, self.settings.hub_buffer_events)
             self._topics[gen_id] = topic
             self._by_key[topic.key] = topic
-            self._topics_added.set()
-            if self._read is not None and not self._read.done():
-                self._read.cancel()  # re-read with the new key set (see module docstring)
+            self._wake_reader(topic)
         topic.viewers += 1
         return topic
 
@@ -213,42 +208,25 @@ class Hub:
             del self._topics[topic.gen_id]
             del self._by_key[topic.key]
 
-    # -- the reader --------------------------------------------------------
+    # -- the readers ------------------------------------------------------
 
-    async def _read_loop(self) -> None:
-        backoff = 0.05
-        while True:
-            live = [t for t in self._topics.values() if not t.finished]
-            if not live:
-                self._topics_added.clear()
-                await self._topics_added.wait()
-                continue
-            streams: dict[Any, Any] = {t.key: event_id(t.last_seq) for t in live}
-            self._read = asyncio.ensure_future(
-                self._redis.xread(streams, count=_READ_COUNT, block=self.settings.hub_block_ms)
-            )
-            try:
-                response = await self._read
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # the hub is stopping
-                continue  # a new topic interrupted the read
-            except RedisError as exc:
-                self.healthy = False
-                log.warning("hub reader: %s; retrying in %.2f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            finally:
-                self._read = None
-            self.healthy = True
-            backoff = 0.05
-            self.reads += 1
-            for key, entries in response or ():
-                topic = self._by_key.get(key)
-                if topic is not None:
-                    topic.append(Event.from_entry(entry_id, fields) for entry_id, fields in entries)
+    def _group(self, topic: Topic) -> str:
+        # One XREAD may only name keys of one cluster slot: on a cluster, one reader
+        # per shard tag (shared/keys.py); on a single Redis, one reader for all.
+        return keys.shard(topic.gen_id) if self.settings.redis_cluster else ""
+
+    def _wake_reader(self, topic: Topic) -> None:
+        group = self._group(topic)
+        reader = self._readers.get(group)
+        if reader is None:
+            reader = _Reader(self, group)
+            self._readers[group] = reader
+            reader.task = asyncio.create_task(reader.run(), name=f"hub-reader{group and '-' + group}")
+        else:
+            reader.interrupt()
+
+    def _live(self, group: str) -> list[Topic]:
+        return [t for t in self._topics.values() if not t.finished and self._group(t) == group]
 
     async def _refresh_viewed(self) -> None:
         """Tell workers these generations still have viewers (for FANLINE_IDLE_CANCEL_S),
@@ -262,7 +240,7 @@ class Hub:
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for topic in watched:
-                        await self._touch(keys=[keys.meta_key(topic.gen_id)], args=[now], client=pipe)
+                        pipe.eval(_TOUCH, 1, keys.meta_key(topic.gen_id), str(now))
                     exists = await pipe.execute()
             except RedisError as exc:
                 log.warning("refreshing viewed_at: %s", exc)
@@ -279,5 +257,51 @@ class Hub:
                     )
 
 
-def unavailable() -> Unavailable:
-    return Unavailable("Redis is unavailable; retry shortly", code="redis_unavailable")
+class _Reader:
+    """The blocking XREAD loop over the live topics of one group (see module docstring)."""
+
+    def __init__(self, hub: Hub, group: str) -> None:
+        self.hub = hub
+        self.group = group
+        self.task: asyncio.Task[None] | None = None
+        self._read: asyncio.Future[Any] | None = None
+
+    def interrupt(self) -> None:
+        """Re-read with the new key set now, rather than after the block time."""
+        if self._read is not None and not self._read.done():
+            self._read.cancel()
+
+    async def run(self) -> None:
+        hub = self.hub
+        backoff = 0.05
+        while True:
+            live = hub._live(self.group)
+            if not live:
+                del hub._readers[self.group]  # the next new topic starts a new reader
+                return
+            streams: dict[Any, Any] = {t.key: event_id(t.last_seq) for t in live}
+            self._read = asyncio.ensure_future(
+                hub._redis.xread(streams, count=_READ_COUNT, block=hub.settings.hub_block_ms)
+            )
+            try:
+                response = await self._read
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the hub is stopping
+                continue  # a new topic interrupted the read
+            except RedisError as exc:
+                hub.healthy = False
+                log.warning("hub reader: %s; retrying in %.2f s", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            finally:
+                self._read = None
+            hub.healthy = True
+            backoff = 0.05
+            hub.reads += 1
+            for key, entries in response or ():
+                topic = hub._by_key.get(key)
+                if topic is not None:
+                    topic.append(Event.from_entry(entry_id, fields) for entry_id, fields in entries)

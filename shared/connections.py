@@ -19,7 +19,6 @@ def _options(settings: Settings) -> dict[str, Any]:
         "socket_timeout": settings.hub_block_ms / 1000 + _SOCKET_MARGIN_S,
         "socket_connect_timeout": 5.0,
         "health_check_interval": 30,
-        "retry_on_timeout": False,
     }
 
 

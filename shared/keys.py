@@ -1,7 +1,16 @@
 """Every Redis name fanline uses, in one place.
 
-One generation's keys share the hash tag ``{gen_id}`` so they live in one
-Redis Cluster slot and can be written in one pipeline or transaction.
+One generation's keys share a hash tag, so they live in one Redis Cluster slot
+and can be written by one Lua script. The tag is the generation's *shard* (the
+first two hex digits of its id: 256 shards), not the whole id — a deliberate
+deviation from the obvious ``{gen_id}`` tag: a blocking XREAD may only name keys
+of one slot, so with shard tags one XREAD covers every watched generation of a
+shard, and a pod on a cluster needs at most 256 readers however many
+generations it serves. The 256 slots spread over the cluster's nodes.
+
+    fanline:{3f}:3f9c…e1:events    the stream (ids <seq>-0)
+    fanline:{3f}:3f9c…e1:meta      the metadata hash (fields: Meta below)
+    fanline:{3f}:3f9c…e1:content   all content text so far
 """
 
 from __future__ import annotations
@@ -9,29 +18,31 @@ from __future__ import annotations
 PREFIX = "fanline"
 
 
+def shard(gen_id: str) -> str:
+    return gen_id[:2]
+
+
+def _base(gen_id: str) -> str:
+    return f"{PREFIX}:{{{shard(gen_id)}}}:{gen_id}"
+
+
 def events_key(gen_id: str) -> str:
     """The generation's Redis Stream: one entry per event, ids ``<seq>-0``."""
-    return f"{PREFIX}:{{{gen_id}}}:events"
+    return f"{_base(gen_id)}:events"
 
 
 def meta_key(gen_id: str) -> str:
     """The generation's metadata hash (fields below)."""
-    return f"{PREFIX}:{{{gen_id}}}:meta"
+    return f"{_base(gen_id)}:meta"
 
 
 def content_key(gen_id: str) -> str:
-    """All content text so far: the worker APPENDs to it with every flush."""
-    return f"{PREFIX}:{{{gen_id}}}:content"
+    """All content text so far: the worker writes it with SETRANGE at known offsets."""
+    return f"{_base(gen_id)}:content"
 
 
 def generation_keys(gen_id: str) -> tuple[str, str, str]:
     return events_key(gen_id), meta_key(gen_id), content_key(gen_id)
-
-
-def gen_id_of(key: bytes) -> str:
-    """The generation id inside a key built above."""
-    start = key.index(b"{") + 1
-    return key[start : key.index(b"}", start)].decode()
 
 
 # Generations being run, scored by their worker's last heartbeat (unix seconds):
