@@ -128,18 +128,13 @@ class EmbeddedCluster:
         self.bus_ports: list[int] = []
         for i in range(masters * (1 + replicas)):
             self.bus_ports.append(free_port())
-            self.nodes.append(
-                EmbeddedValkey(
-                    self.data_dir / f"node{i}",
-                    persistent=False,
-                    extra_args=[
-                        "--cluster-enabled", "yes",
-                        "--cluster-config-file", "nodes.conf",
-                        "--cluster-port", str(self.bus_ports[-1]),
-                        "--cluster-node-timeout", "2000",
-                    ],
-                )  # fmt: skip
-            )
+            args = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-port", str(self.bus_ports[-1]),
+                "--cluster-node-timeout", "2000",
+            ]  # fmt: skip
+            self.nodes.append(EmbeddedValkey(self.data_dir / f"node{i}", persistent=False, extra_args=args))
         self.masters = masters
         self.replicas = replicas
 
