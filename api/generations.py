@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 from pydantic import ValidationError
 
-from shared import keys
+from api import metrics
+from shared import events, keys
 from shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 from shared.ids import is_generation_id, new_generation_id
 from shared.keys import Meta
@@ -28,6 +29,7 @@ class Generation:
     id: str
     meta: dict[str, str]
     last_seq: int  # seq of the newest event in the stream (0: none yet)
+    ended: bool  # the newest event is the end
 
     @property
     def status(self) -> str:
@@ -35,7 +37,7 @@ class Generation:
 
     @property
     def finished(self) -> bool:
-        return self.status in TERMINAL
+        return self.ended or self.status in TERMINAL
 
 
 def parse_request(body: bytes, settings: Settings) -> ChatCompletionRequest:
@@ -95,6 +97,7 @@ class Generations:
             await pipe.execute()
         await self._queue.enqueue_job(keys.GENERATE_JOB, gen_id, _job_id=gen_id, _queue_name=self._settings.queue_name)
         await self._queue.publish(keys.WAKE_CHANNEL, b"1")
+        metrics.GENERATIONS_CREATED.inc()
         return gen_id
 
     async def get(self, gen_id: str) -> Generation:
@@ -109,7 +112,8 @@ class Generations:
                 f"no generation {gen_id} (unknown, or its retention has passed)", code="generation_not_found"
             )
         last_seq = int(newest[0][0].partition(b"-")[0]) if newest else 0
-        return Generation(gen_id, {k.decode(): v.decode() for k, v in meta.items()}, last_seq)
+        ended = bool(newest) and newest[0][1].get(b"k") == events.END
+        return Generation(gen_id, {k.decode(): v.decode() for k, v in meta.items()}, last_seq, ended)
 
     async def content(self, gen_id: str) -> str:
         data = await self._redis.get(keys.content_key(gen_id))

@@ -30,6 +30,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from api import metrics
 from shared import keys
 from shared.errors import Conflict
 from shared.events import END, ERROR, Event, error_payload
@@ -56,6 +57,7 @@ class Topic:
 
     def append(self, batch: Iterable[Event]) -> None:
         added = False
+        now_us = time.time_ns() // 1000
         for event in batch:
             if event.seq <= self.last_seq:
                 continue  # already have it (a read that was interrupted and repeated)
@@ -63,6 +65,8 @@ class Topic:
                 self.ring.clear()  # a gap (trimmed history): keep the ring contiguous
             self.ring.append(event)
             self.last_seq = event.seq
+            if event.ts_us:
+                metrics.HUB_LAG.observe(max(0, now_us - event.ts_us) / 1e6)
             added = True
             if event.is_end:
                 self.finished = True
@@ -110,9 +114,6 @@ class Hub:
         self._readers: dict[str, _Reader] = {}
         self._refresher: asyncio.Task[None] | None = None
         self.healthy = True
-        # Counters for /metrics and the tests.
-        self.reads = 0
-        self.history_reads = 0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -182,7 +183,7 @@ class Hub:
             self._unsubscribe(topic)
 
     async def _history(self, topic: Topic, cursor: int, limit: int) -> list[Event]:
-        self.history_reads += 1
+        metrics.HUB_HISTORY_READS.inc()
         entries = await self._redis.xrange(topic.key, min=event_id(cursor + 1), max="+", count=limit)
         batch = [Event.from_entry(entry_id, fields) for entry_id, fields in entries]
         if (batch and batch[0].seq != cursor + 1) or (not batch and cursor < topic.last_seq):
@@ -199,6 +200,7 @@ class Hub:
             self._topics[gen_id] = topic
             self._by_key[topic.key] = topic
             self._wake_reader(topic)
+            metrics.HUB_TOPICS.set(len(self._topics))
         topic.viewers += 1
         return topic
 
@@ -207,6 +209,7 @@ class Hub:
         if topic.viewers == 0 and self._topics.get(topic.gen_id) is topic:
             del self._topics[topic.gen_id]
             del self._by_key[topic.key]
+            metrics.HUB_TOPICS.set(len(self._topics))
 
     # -- the readers ------------------------------------------------------
 
@@ -292,6 +295,7 @@ class _Reader:
                 continue  # a new topic interrupted the read
             except RedisError as exc:
                 hub.healthy = False
+                metrics.REDIS_ERRORS.labels("hub").inc()
                 log.warning("hub reader: %s; retrying in %.2f s", exc, backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
@@ -300,7 +304,7 @@ class _Reader:
                 self._read = None
             hub.healthy = True
             backoff = 0.05
-            hub.reads += 1
+            metrics.HUB_READS.inc()
             for key, entries in response or ():
                 topic = hub._by_key.get(key)
                 if topic is not None:

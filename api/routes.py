@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import orjson
 from fastapi import APIRouter, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
 
-from api import transports
+from api import metrics, transports
 from api.auth import Auth
 from api.generations import Generation, Generations, check_size, parse_request
 from api.hub import Hub
@@ -71,6 +74,7 @@ def _cursor(generation: Generation, last_event_id: str | None) -> int:
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request) -> Response | transports.EventStreamResponse:
+    started_at = time.monotonic()
     owner = _auth(request).require_key(request)
     body = await _read_request(request)
     gen_id = await _generations(request).create(body, owner)
@@ -78,7 +82,7 @@ async def chat_completions(request: Request) -> Response | transports.EventStrea
     if _auth(request).enabled:
         headers[WATCH_TOKEN_HEADER] = _auth(request).watch_token(gen_id)
     if body.stream:
-        return transports.EventStreamResponse(_hub(request), gen_id, 0, SSE(), headers)
+        return transports.EventStreamResponse(_hub(request), gen_id, 0, SSE(), headers, started_at)
     return await _complete(request, gen_id, headers)
 
 
@@ -182,6 +186,17 @@ async def generation_ws(websocket: WebSocket, gen_id: str) -> None:
             pass  # already finished: the stream ends by itself
 
     await serve_websocket(websocket, _hub(websocket), gen_id, cursor, cancel)
+
+
+@router.get("/metrics")
+async def metrics_endpoint(request: Request) -> Response:
+    _auth(request).require_key(request)
+    settings: Settings = request.app.state.settings
+    try:
+        metrics.QUEUE_DEPTH.set(await request.app.state.queue.zcard(settings.queue_name))
+    except RedisError:
+        metrics.REDIS_ERRORS.labels("metrics").inc()
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz")

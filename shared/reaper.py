@@ -17,6 +17,7 @@ import time
 
 import orjson
 import redis.asyncio as aioredis
+from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from shared import events, keys
@@ -39,6 +40,8 @@ redis.call('HSET', KEYS[1], 'status', 'failed', 'finish_reason', '', 'error', AR
 for i = 1, 3 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[5])) end
 return 1
 """
+
+REAPED = Counter("fanline_reaped_generations_total", "Generations this process ended as worker_lost")
 
 WORKER_LOST_MESSAGE = "the worker running this generation stopped responding"
 
@@ -88,5 +91,6 @@ class Reaper:
             await self._redis.zrem(keys.RUNNING, gen_id)
             if done:
                 failed += 1
+                REAPED.inc()
                 log.warning("generation %s: worker lost, ended with an error", gen_id)
         return failed

@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # On SIGTERM a worker finishes its generations for up to this long, then ends
     # the rest with an explicit "worker_shutdown" error.
     worker_grace_s: float = Field(25.0, ge=0)
+    # Port of a worker's Prometheus metrics (/metrics); 0: not served.
+    worker_metrics_port: int = Field(0, ge=0, le=65535)
 
     # API pod: connections it holds at most (past it, new ones get 503), and how
     # long a SIGTERM drain may take before the remaining connections are cut.

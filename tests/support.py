@@ -1,9 +1,9 @@
 """Helpers for tests that run real processes: Redis/Valkey servers, API pods, workers.
 
-    stack = Stack(redis_url, tmp_dir, env={"FANLINE_DEMO_TOKENS_PER_S": "0"})
-    stack.start(apis=2, workers=1)
-    ... stack.api_urls[0] ...
-    stack.stop()
+stack = Stack(redis_url, tmp_dir, env={"FANLINE_DEMO_TOKENS_PER_S": "0"})
+stack.start(apis=2, workers=1)
+... stack.api_urls[0] ...
+stack.stop()
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Po
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,  # noqa: PLW1509
+            preexec_fn=die_with_parent,
         )
 
 
@@ -121,7 +121,9 @@ class Stack:
 # -- clients ------------------------------------------------------------------
 
 
-def chat_body(prompt: str = "hello", *, stream: bool = True, max_tokens: int | None = None, **extra: Any) -> dict[str, Any]:
+def chat_body(
+    prompt: str = "hello", *, stream: bool = True, max_tokens: int | None = None, **extra: Any
+) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "demo", "stream": stream, "messages": [{"role": "user", "content": prompt}]}
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
@@ -141,9 +143,7 @@ class Received:
 
     @property
     def text(self) -> str:
-        return "".join(
-            c["choices"][0]["delta"].get("content") or "" for c in self.chunks if c.get("choices")
-        )
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in self.chunks if c.get("choices"))
 
     @property
     def finish_reason(self) -> str | None:

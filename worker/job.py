@@ -14,7 +14,6 @@ import logging
 import time
 from typing import Any
 
-import orjson
 import redis.asyncio as aioredis
 
 from shared import keys
@@ -22,6 +21,7 @@ from shared.errors import GenerationFailed
 from shared.keys import Meta
 from shared.requests import ChatCompletionRequest
 from shared.settings import Settings
+from worker import metrics
 from worker.generators import GenerationContext, Generator
 from worker.publisher import Publisher
 
@@ -76,7 +76,9 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
 
     request = ChatCompletionRequest.model_validate_json(meta[Meta.REQUEST.encode()])
     created = int(meta.get(Meta.CREATED.encode(), b"0"))
-    publisher = Publisher(redis, gen_id, request.model, created, max_events=settings.stream_max_events)
+    publisher = Publisher(
+        redis, gen_id, request.model, created, max_events=settings.stream_max_events, retention_s=settings.retention_s
+    )
     gen_ctx = GenerationContext(gen_id=gen_id, settings=settings)
 
     now = time.time()
@@ -85,8 +87,14 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
         pipe.zadd(keys.RUNNING, {gen_id: now})
         await pipe.execute()
 
+    started = time.monotonic()
+
     async def produce() -> None:
+        first = True
         async for delta in generator(request, gen_ctx):
+            if first:
+                metrics.FIRST_TOKEN.observe(time.monotonic() - started)
+                first = False
             publisher.add(delta)
             if publisher.disowned:
                 raise Disowned
@@ -110,7 +118,7 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
                 return "disowned"
             if current is not None and current.cancelling():
                 # The worker is stopping and its grace period is over: say so to the viewers.
-                await _end_on_shutdown(publisher, redis, gen_id, settings)
+                await _end_on_shutdown(publisher, redis, gen_id)
                 raise
             cancelled = True
         except Disowned:
@@ -127,46 +135,30 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
             await asyncio.gather(keepalive, return_exceptions=True)
 
     if error is not None:
-        status_text, finish_reason = "failed", ""
-        last_id = await publisher.fail(*error)
+        status = "failed"
+        await publisher.fail(*error, usage=gen_ctx.usage)
     else:
-        status_text = "cancelled" if cancelled else "completed"
+        status = "cancelled" if cancelled else "completed"
         finish_reason = "cancelled" if cancelled else gen_ctx.finish_reason
-        last_id = await publisher.finish(finish_reason, gen_ctx.usage, request.include_usage)
-    await _write_outcome(redis, settings, gen_id, status_text, last_id, finish_reason, gen_ctx.usage, error)
-    log.info("generation %s %s after %d events", gen_id, status_text, publisher.seq)
-    return status_text
+        await publisher.finish(status, finish_reason, gen_ctx.usage, request.include_usage)
+    await _ended(redis, gen_id, status)
+    metrics.GENERATION_DURATION.observe(time.monotonic() - started)
+    log.info("generation %s %s after %d events", gen_id, status, publisher.seq)
+    return status
 
 
-async def _write_outcome(
-    redis: aioredis.Redis,
-    settings: Settings,
-    gen_id: str,
-    status: str,
-    last_id: str,
-    finish_reason: str,
-    usage: dict[str, int] | None,
-    error: tuple[str, str] | None,
-) -> None:
-    outcome: dict[str, str] = {Meta.STATUS: status, Meta.LAST_EVENT_ID: last_id, Meta.FINISH_REASON: finish_reason}
-    if usage is not None:
-        outcome[Meta.USAGE] = orjson.dumps(usage).decode()
-    if error is not None:
-        outcome[Meta.ERROR] = orjson.dumps({"message": error[0], "code": error[1]}).decode()
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hset(keys.meta_key(gen_id), mapping=outcome)
-        for key in keys.generation_keys(gen_id):
-            pipe.expire(key, settings.retention_s)
-        pipe.zrem(keys.RUNNING, gen_id)
-        await pipe.execute()
+async def _ended(redis: aioredis.Redis, gen_id: str, status: str) -> None:
+    """After the end (whose write also set the outcome and the expiry): off the reaper's list."""
+    await redis.zrem(keys.RUNNING, gen_id)
+    metrics.GENERATIONS.labels(status).inc()
 
 
-async def _end_on_shutdown(publisher: Publisher, redis: aioredis.Redis, gen_id: str, settings: Settings) -> None:
+async def _end_on_shutdown(publisher: Publisher, redis: aioredis.Redis, gen_id: str) -> None:
     message = "the worker was stopped before this generation finished"
     try:
         async with asyncio.timeout(_SHUTDOWN_WRITE_S):
-            last_id = await asyncio.shield(publisher.fail(message, "worker_shutdown"))
-            await _write_outcome(redis, settings, gen_id, "failed", last_id, "", None, (message, "worker_shutdown"))
+            await asyncio.shield(publisher.fail(message, "worker_shutdown"))
+            await _ended(redis, gen_id, "failed")
     except Exception as exc:  # the reaper will end it as worker_lost instead
         log.warning("generation %s: could not write its shutdown error: %s", gen_id, exc)
 

@@ -19,6 +19,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
+from prometheus_client import start_http_server
 
 from shared import keys
 from shared.connections import events_redis, queue_redis
@@ -98,6 +99,8 @@ def build_worker(settings: Settings) -> Worker:
         reaper = Reaper(ctx["events_redis"], settings)
         reaper.start()
         state["reaper"] = reaper
+        if settings.worker_metrics_port:
+            start_http_server(settings.worker_metrics_port)
         log.info("worker ready: generator=%s max_jobs=%d", settings.generator, settings.worker_max_jobs)
 
     async def shutdown(ctx: dict[str, Any]) -> None:

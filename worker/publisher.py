@@ -19,6 +19,7 @@ import logging
 import time
 from typing import Any
 
+import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -26,17 +27,21 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from shared import events, keys
 from shared.events import Delta
 from shared.ids import event_id
+from shared.keys import Meta
+from worker import metrics
 
 log = logging.getLogger("fanline.worker")
 
 _COALESCIBLE = ("content", "reasoning_content")
 
-# KEYS: meta, events, content. ARGV: content offset, content bytes, maxlen, then
-# (id, kind, data, time) per entry. Returns {status, cancel flag}.
+# KEYS: meta, events, content. ARGV: content offset, content bytes, maxlen,
+# retention, n, then n outcome args (field, value, ...: written with the end, with
+# the keys' expiry), then (id, kind, data, time) per entry. Returns {status, cancel}.
 _PUBLISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if status ~= 'running' then return {status or false, false} end
-for i = 4, #ARGV, 4 do
+local n = tonumber(ARGV[5])
+for i = 6 + n, #ARGV, 4 do
   local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], ARGV[i],
                             'k', ARGV[i + 1], 'd', ARGV[i + 2], 't', ARGV[i + 3])
   if type(added) == 'table' and added.err and not string.find(added.err, 'equal or smaller') then
@@ -44,7 +49,12 @@ for i = 4, #ARGV, 4 do
   end
 end
 if ARGV[2] ~= '' then redis.call('SETRANGE', KEYS[3], ARGV[1], ARGV[2]) end
-return {status, redis.call('HGET', KEYS[1], 'cancel') or false}
+local cancel = redis.call('HGET', KEYS[1], 'cancel') or false
+if n > 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + n))
+  for i = 1, 3 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[4])) end
+end
+return {status, cancel}
 """
 _RETRY_FOR_S = 30.0
 
@@ -58,6 +68,7 @@ class Publisher:
         created: int,
         *,
         max_events: int,
+        retention_s: int = 3600,
     ) -> None:
         self._redis = redis
         self._script = redis.register_script(_PUBLISH)
@@ -67,6 +78,8 @@ class Publisher:
         self._model = model
         self._created = created
         self._max_events = max_events
+        self._retention_s = retention_s
+        self.final_status = b""  # the status the end's write sets
         self.seq = 0  # id of the last entry handed to Redis
         self._pending: list[tuple[bytes, Any]] = []  # (kind, delta dict or payload bytes)
         self._role_sent = False
@@ -100,23 +113,32 @@ class Publisher:
         self._pending.append((kind, payload))
         self._kick()
 
-    async def finish(self, finish_reason: str, usage: dict[str, int] | None, include_usage: bool) -> str:
-        """Publish the final chunk, the usage chunk if asked for, and the end; return the end's id."""
+    async def finish(self, status: str, finish_reason: str, usage: dict[str, int] | None, include_usage: bool) -> None:
+        """Publish the final chunk, the usage chunk if asked for, and the end.
+
+        The outcome (status, finish_reason, usage, last_event_id) and the keys'
+        expiry are written by the same script call as the end event, so whoever
+        sees the end also sees the final status.
+        """
         final: dict[str, Any] = {} if self._role_sent else {"role": "assistant", "content": ""}
         self._role_sent = True
         self._pending.append((events.CHUNK, (final, finish_reason)))
         if include_usage and usage is not None:
             self.add_raw(events.CHUNK, events.usage_chunk(self._completion_id, self._created, self._model, usage))
-        self.add_raw(events.END, b"")
+        self._end({Meta.STATUS: status, Meta.FINISH_REASON: finish_reason, Meta.USAGE: _json(usage)})
         await self.drain()
-        return event_id(self.seq)
 
-    async def fail(self, message: str, code: str) -> str:
-        """Publish a terminal error and the end; return the end's id."""
+    async def fail(self, message: str, code: str, usage: dict[str, int] | None = None) -> None:
+        """Publish a terminal error and the end, with the outcome as in finish()."""
         self.add_raw(events.ERROR, events.error_payload(message, code))
-        self.add_raw(events.END, b"")
+        error = _json({"message": message, "code": code})
+        self._end({Meta.STATUS: "failed", Meta.FINISH_REASON: "", Meta.USAGE: _json(usage), Meta.ERROR: error})
         await self.drain()
-        return event_id(self.seq)
+
+    def _end(self, outcome: dict[str, str]) -> None:
+        self.final_status = outcome[Meta.STATUS].encode()
+        self._pending.append((events.END, outcome))
+        self._kick()
 
     async def drain(self) -> None:
         while self._flusher is not None:
@@ -141,6 +163,8 @@ class Publisher:
             self._flusher = None
 
     def _encode(self, kind: bytes, item: Any) -> bytes:
+        if kind == events.END:
+            return b""
         if kind != events.CHUNK or isinstance(item, bytes):
             return bytes(item)
         if isinstance(item, tuple):
@@ -151,11 +175,14 @@ class Publisher:
     async def _write(self, batch: list[tuple[bytes, Any]]) -> None:
         entries = []
         text = ""
+        outcome: dict[str, str] = {}
         for kind, item in batch:
             self.seq += 1
             entries.append((event_id(self.seq), events.entry_fields(kind, self._encode(kind, item))))
             if kind == events.CHUNK and isinstance(item, dict):
                 text += item.get("content", "")
+            elif kind == events.END:
+                outcome = {**item, Meta.LAST_EVENT_ID: event_id(self.seq)}
         offset = self._content_bytes
         encoded = text.encode()
         self._content_bytes += len(encoded)
@@ -165,24 +192,39 @@ class Publisher:
         delay = 0.05
         while True:
             try:
-                await self._send(entries, offset, encoded)
+                await self._send(entries, offset, encoded, outcome)
+                metrics.PUBLISH_WRITES.inc()
+                metrics.EVENTS_PUBLISHED.inc(len(entries))
                 return
             except (RedisConnectionError, RedisTimeoutError) as exc:
+                metrics.REDIS_ERRORS.labels("publish").inc()
                 if time.monotonic() > deadline:
                     raise
                 log.warning("publishing %s: %s; retrying in %.2f s", self._gen_id, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
 
-    async def _send(self, entries: list[tuple[str, dict[bytes, bytes]]], offset: int, text: bytes) -> None:
-        args: list[Any] = [offset, text, self._max_events]
-        for entry_id, fields in entries:
-            args += [entry_id, fields[b"k"], fields[b"d"], fields[b"t"]]
+    async def _send(
+        self,
+        entries: list[tuple[str, dict[bytes, bytes]]],
+        offset: int,
+        text: bytes,
+        outcome: dict[str, str] | None = None,
+    ) -> None:
+        fields = [x for pair in (outcome or {}).items() for x in pair]
+        args: list[Any] = [offset, text, self._max_events, self._retention_s, len(fields), *fields]
+        for entry_id, entry in entries:
+            args += [entry_id, entry[b"k"], entry[b"d"], entry[b"t"]]
         status, cancel = await self._script(keys=[self._meta_key, self._events_key, self._content_key], args=args)
         if cancel:
             self.cancel_requested = True
-        if status != b"running":
+        # A retry of the final write finds the status it wrote itself: still ours.
+        if status not in (b"running", self.final_status):
             self.disowned = True
+
+
+def _json(value: Any) -> str:
+    return "" if value is None else orjson.dumps(value).decode()
 
 
 def _can_merge(previous: dict[str, Any], delta: dict[str, Any]) -> bool:

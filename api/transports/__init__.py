@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, Protocol
 
 from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from api import metrics
 from api.hub import Draining, HistoryGone, Hub
 from shared.events import Event
 
@@ -22,6 +24,7 @@ log = logging.getLogger("fanline.api")
 
 
 class Transport(Protocol):
+    name: str  # metrics label
     media_type: bytes
     heartbeat: bytes
     preamble: bytes
@@ -54,8 +57,10 @@ class EventStreamResponse(Response):
         cursor: int,
         transport: Transport,
         headers: dict[str, str] | None = None,
+        started_at: float | None = None,
     ) -> None:
         self.status_code = 200
+        self.started_at = started_at  # when set, the first event written is timed as TTFT
         self.background = None
         self.hub = hub
         self.gen_id = gen_id
@@ -72,8 +77,13 @@ class EventStreamResponse(Response):
         # A viewer whose socket accepts nothing for this long is cut off (it can resume);
         # until then, flow control holds it in this await, and it holds no one else.
         send_timeout = self.hub.settings.slow_viewer_timeout_s
+        delivered = metrics.EVENTS_DELIVERED.labels(transport.name)
+        viewers = metrics.VIEWERS.labels(transport.name)
+        if self.cursor:
+            metrics.RESUMES.labels(transport.name).inc()
         gone: asyncio.Task[Any] = asyncio.ensure_future(wait_disconnect(receive))
         cursor = self.cursor
+        viewers.inc()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             if transport.preamble:
@@ -89,14 +99,21 @@ class EventStreamResponse(Response):
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                 if batch:
                     cursor = batch[-1].seq
+                    delivered.inc(len(batch))
+                    if self.started_at is not None:
+                        metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - self.started_at)
+                        self.started_at = None
         except HistoryGone as exc:
             await send({"type": "http.response.body", "body": transport.error(exc), "more_body": True})
         except (Draining, RedisError):  # RedisError: history could not be read; resume later
+            metrics.DRAIN_HINTS.inc()
             await send({"type": "http.response.body", "body": transport.reconnect(cursor), "more_body": True})
         except TimeoutError:
             # The connection is closed without completing the response; the client resumes.
+            metrics.SLOW_VIEWER_CUTOFFS.inc()
             log.info("viewer of %s accepted nothing for %.0f s; cut off", self.gen_id, send_timeout)
             return
         finally:
+            viewers.dec()
             gone.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -14,6 +14,7 @@ from shared.ids import event_id
 
 
 class NDJSON:
+    name = "ndjson"
     media_type = b"application/x-ndjson"
     heartbeat = b"\n"
     preamble = b""

@@ -21,6 +21,7 @@ DRAIN_RETRY_MS = 250
 
 
 class SSE:
+    name = "sse"
     media_type = b"text/event-stream; charset=utf-8"
     heartbeat = b": ping\n"
     preamble = f"retry: {RETRY_MS}\n".encode()

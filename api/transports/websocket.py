@@ -14,6 +14,7 @@ import orjson
 from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from api import metrics
 from api.hub import Draining, HistoryGone, Hub
 from shared.errors import FanlineError
 
@@ -28,12 +29,18 @@ async def serve(
     cancel: Callable[[], Awaitable[None]],
 ) -> None:
     gone: asyncio.Task[Any] = asyncio.ensure_future(_receive_loop(websocket, cancel))
+    delivered = metrics.EVENTS_DELIVERED.labels("websocket")
+    viewers = metrics.VIEWERS.labels("websocket")
+    if cursor:
+        metrics.RESUMES.labels("websocket").inc()
+    viewers.inc()
     try:
         async for batch in hub.follow(gen_id, cursor, gone):
             if batch is None:
                 continue  # uvicorn's WebSocket pings keep the connection alive
             for event in batch:
                 await websocket.send_text(event.ws)
+            delivered.inc(len(batch))
             if batch[-1].is_end:
                 await websocket.close(1000)
                 return
@@ -43,10 +50,12 @@ async def serve(
         await websocket.send_text(orjson.dumps(exc.body()).decode())
         await websocket.close(1000)
     except (Draining, RedisError):
+        metrics.DRAIN_HINTS.inc()
         await websocket.close(1012, "service restart: reconnect and resume")
     except (WebSocketDisconnect, RuntimeError):
         pass  # the client left while we were sending
     finally:
+        viewers.dec()
         gone.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await gone

@@ -21,9 +21,10 @@ async def test_chat_stream_has_ids_role_finish_and_done(client: httpx.AsyncClien
 
 
 async def test_resume_on_second_pod_with_header_and_query(stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=stack.api_urls[0], timeout=30) as first, httpx.AsyncClient(
-        base_url=stack.api_urls[1], timeout=30
-    ) as second:
+    async with (
+        httpx.AsyncClient(base_url=stack.api_urls[0], timeout=30) as first,
+        httpx.AsyncClient(base_url=stack.api_urls[1], timeout=30) as second,
+    ):
         start = await read_sse(first, "POST", "/v1/chat/completions", json=chat_body(max_tokens=60), stop_after=5)
         gen_id = start.gen_id
         by_header = Received(gen_id=gen_id, ids=list(start.ids), chunks=list(start.chunks))
@@ -33,7 +34,11 @@ async def test_resume_on_second_pod_with_header_and_query(stack: Stack) -> None:
         )  # fmt: skip
         by_query = Received(gen_id=gen_id, ids=list(start.ids), chunks=list(start.chunks))
         await read_sse(
-            second, "GET", f"/v1/generations/{gen_id}/events", params={"last_event_id": start.ids[-1]}, received=by_query
+            second,
+            "GET",
+            f"/v1/generations/{gen_id}/events",
+            params={"last_event_id": start.ids[-1]},
+            received=by_query,
         )
         info = await generation(second, gen_id)
     for resumed in (by_header, by_query):

@@ -1,0 +1,31 @@
+"""Prometheus metrics of an API pod, served at ``GET /metrics``.
+
+Counted where they happen: per batch written (not per event per viewer), per
+event the hub reads, per viewer that starts or ends.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+VIEWERS = Gauge("fanline_viewers", "Viewers connected to this pod", ["transport"])
+EVENTS_DELIVERED = Counter("fanline_events_delivered_total", "Events written to viewers", ["transport"])
+RESUMES = Counter("fanline_resumes_total", "Streams started after a Last-Event-ID", ["transport"])
+GENERATIONS_CREATED = Counter("fanline_generations_created_total", "Generations started through this pod")
+TIME_TO_FIRST_TOKEN = Histogram(
+    "fanline_time_to_first_token_seconds",
+    "From a streaming chat completion request to its first event written",
+    buckets=(0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12),
+)
+HUB_LAG = Histogram(
+    "fanline_hub_lag_seconds",
+    "From the worker's publish to this pod's hub reading the event",
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+)
+HUB_READS = Counter("fanline_hub_reads_total", "Blocking XREADs the hub's readers completed")
+HUB_HISTORY_READS = Counter("fanline_hub_history_reads_total", "XRANGE history reads by viewers behind the ring")
+HUB_TOPICS = Gauge("fanline_hub_topics", "Generations watched on this pod")
+SLOW_VIEWER_CUTOFFS = Counter("fanline_slow_viewer_cutoffs_total", "Viewers cut off for accepting no bytes")
+DRAIN_HINTS = Counter("fanline_reconnect_hints_total", "Streams closed with a reconnect hint (drain)")
+REDIS_ERRORS = Counter("fanline_redis_errors_total", "Redis errors seen by this process", ["where"])
+QUEUE_DEPTH = Gauge("fanline_queue_depth", "Jobs waiting in the arq queue (read at scrape time)")

@@ -1,0 +1,121 @@
+"""Cancel: every viewer on every pod sees the end, the outcome is recorded, and a leaving requester cancels nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import orjson
+from httpx_sse import aconnect_sse
+
+from tests.support import Received, Stack, chat_body, generation, read_sse
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+async def settled(client: httpx.AsyncClient, gen_id: str) -> dict[str, Any]:
+    """The generation once its status is terminal.
+
+    The worker writes the status one round trip after the end event, and nothing
+    announces that write, so this polls (with a bound). The race itself is pinned by
+    tests/api/test_transports.py::test_status_is_final_when_the_stream_ends.
+    """
+    deadline = time.monotonic() + 10
+    while True:
+        info = await generation(client, gen_id)
+        if info["status"] in TERMINAL or time.monotonic() > deadline:
+            return info
+        await asyncio.sleep(0.02)
+
+
+async def watch(base_url: str, gen_id: str, streaming: asyncio.Event) -> Received:
+    """One SSE viewer from the start to [DONE]; sets ``streaming`` once content has arrived."""
+    received = Received(gen_id=gen_id)
+    async with (
+        httpx.AsyncClient(base_url=base_url, timeout=30) as client,
+        aconnect_sse(client, "GET", f"/v1/generations/{gen_id}/events") as source,
+    ):
+        assert source.response.status_code == 200
+        async for sse in source.aiter_sse():
+            received.ids.append(sse.id)
+            if sse.data == "[DONE]":
+                received.done = True
+                break
+            payload = orjson.loads(sse.data)
+            if "error" in payload:
+                received.errors.append(payload["error"])
+            else:
+                received.chunks.append(payload)
+            if received.text:
+                streaming.set()
+    return received
+
+
+async def test_cancel_ends_every_viewer_on_every_pod(stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        created = await client.post("/v1/generations", json=chat_body("cancel me", stream=False, max_tokens=2000))
+        assert created.status_code == 201
+        gen_id = created.json()["id"]
+        streaming = [asyncio.Event() for _ in stack.api_urls]
+        viewers = [
+            asyncio.ensure_future(watch(url, gen_id, started))
+            for url, started in zip(stack.api_urls, streaming, strict=True)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(started.wait() for started in streaming)), 20)
+
+        cancel = await client.post(f"/v1/generations/{gen_id}/cancel")
+        assert cancel.status_code == 202, cancel.text
+        assert cancel.json()["status"] in ("cancelling", "cancelled")
+
+        results = await asyncio.wait_for(asyncio.gather(*viewers), 20)
+        info = await settled(client, gen_id)
+        again = await client.post(f"/v1/generations/{gen_id}/cancel")
+
+    assert info["status"] == "cancelled"
+    assert info["finish_reason"] == "cancelled"
+    assert 0 < len(info["content"].split()) < 2000
+    for received in results:
+        assert received.done and received.errors == []
+        assert received.chunks[-1]["choices"][0]["finish_reason"] == "cancelled"
+        assert received.ids == results[0].ids
+        assert received.text == info["content"]
+    assert again.status_code == 202, again.text
+    assert again.json()["status"] == "cancelled"
+
+
+async def test_cancelling_a_completed_generation_is_409(fast_stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=fast_stack.url, timeout=30) as client:
+        received = await read_sse(client, "POST", "/v1/chat/completions", json=chat_body("done", max_tokens=5))
+        assert received.done
+        assert (await settled(client, received.gen_id))["status"] == "completed"
+        response = await client.post(f"/v1/generations/{received.gen_id}/cancel")
+        info = await generation(client, received.gen_id)
+    assert response.status_code == 409, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] and error["code"]
+    assert info["status"] == "completed"  # the refused cancel changed nothing
+    assert info["finish_reason"] == "length"
+
+
+async def test_a_requester_that_disconnects_does_not_cancel(stack: Stack) -> None:
+    first, second = stack.api_urls
+    async with httpx.AsyncClient(base_url=first, timeout=30) as client:
+        # Read a few events of our own chat request, then leave mid-stream.
+        left = await read_sse(
+            client, "POST", "/v1/chat/completions", json=chat_body("stay", max_tokens=300), stop_after=5
+        )
+    assert not left.done
+    async with httpx.AsyncClient(base_url=second, timeout=30) as client:
+        rest = await read_sse(
+            client, "GET", f"/v1/generations/{left.gen_id}/events", headers={"Last-Event-ID": left.ids[-1]}
+        )
+        info = await settled(client, left.gen_id)
+    assert rest.done
+    assert rest.finish_reason == "length"
+    assert info["status"] == "completed"
+    assert info["finish_reason"] == "length"
+    assert len(info["content"].split()) == 300
+    assert info["usage"]["completion_tokens"] == 300
+    assert left.text + rest.text == info["content"]
