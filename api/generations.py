@@ -132,6 +132,8 @@ class Generations:
             "finish_reason": meta.get(Meta.FINISH_REASON) or None,
             "usage": orjson.loads(meta[Meta.USAGE]) if meta.get(Meta.USAGE) else None,
             "error": orjson.loads(meta[Meta.ERROR]) if meta.get(Meta.ERROR) else None,
+            "reasoning": meta.get(Meta.REASONING) or None,
+            "tool_calls": orjson.loads(meta[Meta.TOOL_CALLS]) if meta.get(Meta.TOOL_CALLS) else None,
             "last_event_id": meta.get(Meta.LAST_EVENT_ID),
         }
 

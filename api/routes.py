@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request, WebSocket
@@ -108,7 +109,7 @@ async def _complete(request: Request, gen_id: str, headers: dict[str, str]) -> R
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": info["content"], "refusal": None},
+                "message": _message(info),
                 "logprobs": None,
                 "finish_reason": info["finish_reason"],
             }
@@ -116,6 +117,15 @@ async def _complete(request: Request, gen_id: str, headers: dict[str, str]) -> R
         "usage": info["usage"],
     }
     return Response(orjson.dumps(completion), media_type="application/json", headers=headers)
+
+
+def _message(info: dict[str, Any]) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": info["content"], "refusal": None}
+    if info["reasoning"]:
+        message["reasoning_content"] = info["reasoning"]
+    if info["tool_calls"]:
+        message["tool_calls"] = info["tool_calls"]
+    return message
 
 
 @router.post("/v1/generations", status_code=201)

@@ -28,13 +28,16 @@ FinishReason = Literal["stop", "length", "cancelled", "tool_calls", "content_fil
 
 
 class Delta(TypedDict, total=False):
-    """One step of a generation, as a generator yields it."""
+    """One step of a generation, as a generator yields it: the fields of an OpenAI
+    chunk's ``delta``, passed through as they are, plus the choice's ``logprobs``."""
 
     role: str
     content: str
     reasoning_content: str
+    reasoning: str
     refusal: str
     tool_calls: list[dict[str, Any]]
+    logprobs: dict[str, Any]
 
 
 class Event:
@@ -105,6 +108,7 @@ def chunk(
     model: str,
     delta: dict[str, Any],
     finish_reason: str | None = None,
+    logprobs: Any = None,
 ) -> bytes:
     return orjson.dumps(
         {
@@ -112,7 +116,7 @@ def chunk(
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
     )
 

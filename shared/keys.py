@@ -72,6 +72,8 @@ class Meta:
     CANCEL = "cancel"  # "1" once a cancel was requested
     HEARTBEAT = "heartbeat"  # unix seconds, written by the worker running it
     VIEWED_AT = "viewed_at"  # unix seconds, refreshed by API pods with viewers
+    REASONING = "reasoning"  # all reasoning text, once finished
+    TOOL_CALLS = "tool_calls"  # the assembled tool calls (JSON), once finished
     OWNER = "owner"  # which API key created it (a hash; "" with auth off)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -32,7 +33,7 @@ from worker import metrics
 
 log = logging.getLogger("fanline.worker")
 
-_COALESCIBLE = ("content", "reasoning_content")
+_COALESCIBLE = ("content", "reasoning_content", "reasoning")
 
 # KEYS: meta, events, content. ARGV: content offset, content bytes, maxlen,
 # retention, n, then n outcome args (field, value, ...: written with the end, with
@@ -80,6 +81,8 @@ class Publisher:
         self._max_events = max_events
         self._retention_s = retention_s
         self.final_status = b""  # the status the end's write sets
+        self.reasoning: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
         self.seq = 0  # id of the last entry handed to Redis
         self._pending: list[tuple[bytes, Any]] = []  # (kind, delta dict or payload bytes)
         self._role_sent = False
@@ -94,20 +97,39 @@ class Publisher:
     # -- producing ---------------------------------------------------------
 
     def add(self, delta: Delta) -> None:
+        """One delta; a choice-level ``logprobs`` may ride along under that key."""
         if self._failure is not None:
             raise self._failure
         d: dict[str, Any] = dict(delta)
+        logprobs = d.pop("logprobs", None)
+        self._assemble(d)
         if not self._role_sent:
             d = {"role": "assistant", **d}
             self._role_sent = True
         last = self._pending[-1] if self._pending else None
-        if last is not None and last[0] == events.CHUNK and _can_merge(last[1], d):
-            for name in _COALESCIBLE:
-                if name in d:
-                    last[1][name] = last[1].get(name, "") + d[name]
+        if logprobs is None and last is not None and isinstance(last[1], _Chunk) and last[1].merges(d):
+            for name, text in d.items():
+                last[1].delta[name] += text
         else:
-            self._pending.append((events.CHUNK, d))
+            self._pending.append((events.CHUNK, _Chunk(d, logprobs=logprobs)))
         self._kick()
+
+    def _assemble(self, delta: dict[str, Any]) -> None:
+        """Keep the whole reasoning and tool calls, for the generation's final record."""
+        for name in ("reasoning_content", "reasoning"):
+            if isinstance(delta.get(name), str):
+                self.reasoning.append(delta[name])
+        for call in delta.get("tool_calls") or ():
+            whole = self.tool_calls.setdefault(
+                call.get("index", 0), {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+            )
+            if call.get("id"):
+                whole["id"] = call["id"]
+            if call.get("type"):
+                whole["type"] = call["type"]
+            function = call.get("function") or {}
+            whole["function"]["name"] += function.get("name") or ""
+            whole["function"]["arguments"] += function.get("arguments") or ""
 
     def add_raw(self, kind: bytes, payload: bytes) -> None:
         self._pending.append((kind, payload))
@@ -122,7 +144,7 @@ class Publisher:
         """
         final: dict[str, Any] = {} if self._role_sent else {"role": "assistant", "content": ""}
         self._role_sent = True
-        self._pending.append((events.CHUNK, (final, finish_reason)))
+        self._pending.append((events.CHUNK, _Chunk(final, finish_reason=finish_reason)))
         if include_usage and usage is not None:
             self.add_raw(events.CHUNK, events.usage_chunk(self._completion_id, self._created, self._model, usage))
         self._end({Meta.STATUS: status, Meta.FINISH_REASON: finish_reason, Meta.USAGE: _json(usage)})
@@ -137,6 +159,8 @@ class Publisher:
 
     def _end(self, outcome: dict[str, str]) -> None:
         self.final_status = outcome[Meta.STATUS].encode()
+        outcome[Meta.REASONING] = "".join(self.reasoning)
+        outcome[Meta.TOOL_CALLS] = _json([self.tool_calls[i] for i in sorted(self.tool_calls)] or None)
         self._pending.append((events.END, outcome))
         self._kick()
 
@@ -165,12 +189,11 @@ class Publisher:
     def _encode(self, kind: bytes, item: Any) -> bytes:
         if kind == events.END:
             return b""
-        if kind != events.CHUNK or isinstance(item, bytes):
-            return bytes(item)
-        if isinstance(item, tuple):
-            delta, finish_reason = item
-            return events.chunk(self._completion_id, self._created, self._model, delta, finish_reason)
-        return events.chunk(self._completion_id, self._created, self._model, item)
+        if isinstance(item, _Chunk):
+            return events.chunk(
+                self._completion_id, self._created, self._model, item.delta, item.finish_reason, item.logprobs
+            )
+        return bytes(item)
 
     async def _write(self, batch: list[tuple[bytes, Any]]) -> None:
         entries = []
@@ -179,8 +202,8 @@ class Publisher:
         for kind, item in batch:
             self.seq += 1
             entries.append((event_id(self.seq), events.entry_fields(kind, self._encode(kind, item))))
-            if kind == events.CHUNK and isinstance(item, dict):
-                text += item.get("content", "")
+            if isinstance(item, _Chunk):
+                text += item.delta.get("content") or ""
             elif kind == events.END:
                 outcome = {**item, Meta.LAST_EVENT_ID: event_id(self.seq)}
         offset = self._content_bytes
@@ -227,6 +250,20 @@ def _json(value: Any) -> str:
     return "" if value is None else orjson.dumps(value).decode()
 
 
-def _can_merge(previous: dict[str, Any], delta: dict[str, Any]) -> bool:
-    """Two deltas that only add text of the same kinds become one."""
-    return bool(delta) and all(k in _COALESCIBLE for k in delta) and all(k in _COALESCIBLE for k in previous)
+@dataclass
+class _Chunk:
+    """A chat.completion.chunk waiting to be written."""
+
+    delta: dict[str, Any]
+    finish_reason: str | None = None
+    logprobs: Any = None
+
+    def merges(self, delta: dict[str, Any]) -> bool:
+        """Text deltas of the same kind(s) coalesce into one; anything else stays apart."""
+        return (
+            self.finish_reason is None
+            and self.logprobs is None
+            and bool(delta)
+            and set(delta) == set(self.delta) - {"role"}
+            and all(k in _COALESCIBLE and isinstance(delta[k], str) for k in delta)
+        )

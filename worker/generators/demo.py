@@ -2,6 +2,11 @@
 
 Paced by ``FANLINE_DEMO_TOKENS_PER_S`` (0: no delay). Without ``max_tokens`` it
 writes 24–63 tokens and stops ("stop"); with it, exactly ``max_tokens`` ("length").
+
+So that the full delta format can be tried without a model: with
+``reasoning_effort`` set it first "thinks" (``reasoning_content`` deltas), and with
+``tools`` it ends by calling the first tool (a ``tool_calls`` delta whose arguments
+arrive in fragments; finish_reason "tool_calls").
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import asyncio
 import hashlib
 import random
 from collections.abc import AsyncIterator
+
+import orjson
 
 from shared.events import Delta
 from shared.requests import ChatCompletionRequest
@@ -43,6 +50,15 @@ def natural_length(prompt: str, seed: int | None) -> int:
     return 24 + digest[0] % 40
 
 
+def _first_tool(request: ChatCompletionRequest) -> str | None:
+    for tool in request.tools or ():
+        function = tool.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if isinstance(name, str):
+            return name
+    return None
+
+
 async def demo(request: ChatCompletionRequest, ctx: GenerationContext) -> AsyncIterator[Delta]:
     prompt = request.prompt_text()
     # With max_tokens the demo writes exactly that many tokens and stops for "length"
@@ -50,19 +66,42 @@ async def demo(request: ChatCompletionRequest, ctx: GenerationContext) -> AsyncI
     limit = request.token_limit
     count = natural_length(prompt, request.seed) if limit is None else limit
     ctx.finish_reason = "stop" if limit is None else "length"
-    pace = ctx.settings.demo_tokens_per_s
-    interval = 1.0 / pace if pace > 0 else 0.0
+    rate = ctx.settings.demo_tokens_per_s
+    interval = 1.0 / rate if rate > 0 else 0.0
     loop = asyncio.get_running_loop()
     start = loop.time()
-    for i, token in enumerate(demo_tokens(prompt, request.seed, count)):
+    step = 0
+
+    async def pace() -> None:
+        nonlocal step
         if interval:
             # Sleep to a schedule rather than a fixed gap, so the pace holds under load.
-            delay = start + i * interval - loop.time()
+            delay = start + step * interval - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
         else:
             await asyncio.sleep(0)
+        step += 1
+
+    if request.reasoning_effort not in (None, "none"):
+        for token in demo_tokens("reasoning:" + prompt, request.seed, 8):
+            await pace()
+            yield {"reasoning_content": token}
+    for token in demo_tokens(prompt, request.seed, count):
+        await pace()
         yield {"content": token}
+    tool = _first_tool(request)
+    if tool is not None:
+        arguments = '{"query": ' + orjson.dumps(prompt[:40]).decode() + "}"
+        call_id = "call_" + hashlib.sha256(f"{request.seed}:{prompt}".encode()).hexdigest()[:24]
+        await pace()
+        yield {
+            "tool_calls": [{"index": 0, "id": call_id, "type": "function", "function": {"name": tool, "arguments": ""}}]
+        }
+        for i in range(0, len(arguments), 8):
+            await pace()
+            yield {"tool_calls": [{"index": 0, "function": {"arguments": arguments[i : i + 8]}}]}
+        ctx.finish_reason = "tool_calls"
     ctx.usage = {
         "prompt_tokens": len(prompt.split()),
         "completion_tokens": count,
