@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from arq.connections import RedisSettings, create_pool
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import errors, web
 from api.auth import Auth
@@ -19,10 +21,14 @@ from api.hub import Hub
 from api.routes import router
 from shared.connections import events_redis
 from shared.errors import Unavailable
+from shared.ids import is_generation_id
+from shared.logs import gen_id_var, request_id_var
 from shared.reaper import Reaper
 from shared.settings import Settings
 
 log = logging.getLogger("fanline.api")
+
+_SANE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class RefuseWhileDraining:
@@ -38,6 +44,32 @@ class RefuseWhileDraining:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class RequestIds:
+    """Gives every request an id (its ``X-Request-Id`` if sane, else a new one), echoed
+    in the response and put on every log line, with the generation id from the path."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _SANE_ID.fullmatch(given) else secrets.token_hex(8)
+        request_id_var.set(request_id)
+        parts = scope["path"].split("/")
+        if len(parts) > 3 and parts[1:3] == ["v1", "generations"] and is_generation_id(parts[3]):
+            gen_id_var.set(parts[3])
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -70,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app)
     app.state.auth = Auth(settings)
     app.add_middleware(RefuseWhileDraining)
+    app.add_middleware(RequestIds)
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(

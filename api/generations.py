@@ -16,6 +16,7 @@ from shared import events, keys
 from shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 from shared.ids import is_generation_id, new_generation_id
 from shared.keys import Meta
+from shared.logs import gen_id_var
 from shared.requests import ChatCompletionRequest
 from shared.settings import Settings
 
@@ -79,6 +80,7 @@ class Generations:
 
     async def create(self, request: ChatCompletionRequest, owner: str = "") -> str:
         gen_id = new_generation_id()
+        gen_id_var.set(gen_id)
         now = int(time.time())
         meta_key = keys.meta_key(gen_id)
         async with self._redis.pipeline(transaction=False) as pipe:

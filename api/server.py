@@ -58,5 +58,6 @@ def run(settings: Settings, host: str, port: int) -> None:
         ws_max_size=65536,
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=5,
+        log_config=None,  # shared/logs.py configured logging (text or JSON, with ids)
     )
     _Server(config, app).run()

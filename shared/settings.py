@@ -6,6 +6,8 @@ settings = Settings(retention_s=60)  # explicit values win (tests)
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -77,6 +79,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(10.0, ge=0)
 
     log_level: str = "info"
+    log_format: Literal["text", "json"] = "text"
+    # Log prompts at debug level (never on by default: prompts are users' data).
+    log_content: bool = False
 
     @property
     def queue_url(self) -> str:

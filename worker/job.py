@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 from shared import keys
 from shared.errors import GenerationFailed
 from shared.keys import Meta
+from shared.logs import gen_id_var
 from shared.requests import ChatCompletionRequest
 from shared.settings import Settings
 from worker import metrics
@@ -65,6 +66,7 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
     generator: Generator = ctx["generator"]
     running: Running = ctx["running"]
 
+    gen_id_var.set(gen_id)
     meta_key = keys.meta_key(gen_id)
     meta = await redis.hgetall(meta_key)  # type: ignore[misc]
     if not meta:
@@ -75,6 +77,8 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
         return str(status.decode())
 
     request = ChatCompletionRequest.model_validate_json(meta[Meta.REQUEST.encode()])
+    if settings.log_content:
+        log.debug("generation %s prompt: %r", gen_id, request.prompt_text())
     created = int(meta.get(Meta.CREATED.encode(), b"0"))
     publisher = Publisher(
         redis, gen_id, request.model, created, max_events=settings.stream_max_events, retention_s=settings.retention_s
