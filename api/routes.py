@@ -20,7 +20,7 @@ from api.transports.ndjson import NDJSON
 from api.transports.sse import SSE
 from api.transports.websocket import serve as serve_websocket
 from shared import events
-from shared.errors import Conflict, FanlineError, InvalidRequest
+from shared.errors import Conflict, FanlineError, InvalidRequest, RequestTimeout
 from shared.ids import parse_event_id
 from shared.requests import ChatCompletionRequest
 from shared.settings import Settings
@@ -53,9 +53,13 @@ async def _read_request(request: Request) -> ChatCompletionRequest:
     if declared is not None and declared.isdigit():
         check_size(int(declared), settings)
     body = bytearray()
-    async for part in request.stream():
-        body += part
-        check_size(len(body), settings)
+    try:
+        async with asyncio.timeout(settings.body_timeout_s):
+            async for part in request.stream():
+                body += part
+                check_size(len(body), settings)
+    except TimeoutError:
+        raise RequestTimeout(f"the request body did not arrive within {settings.body_timeout_s:.0f} s") from None
     return parse_request(bytes(body), settings)
 
 

@@ -16,11 +16,55 @@ from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from api.app import create_app
 from shared.settings import Settings
 
 log = logging.getLogger("fanline.api")
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's HTTP protocol with a deadline on request headers: a client that opens
+    a connection and sends its headers slowly (slowloris) is disconnected after
+    ``header_timeout_s`` instead of holding a socket forever. (uvicorn's keep-alive
+    timeout stops counting as soon as any byte arrives.)"""
+
+    header_timeout_s = 10.0
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self._header_deadline: asyncio.TimerHandle | None = self.loop.call_later(
+            self.header_timeout_s, self._headers_too_slow
+        )
+
+    def _disarm(self) -> None:
+        deadline = getattr(self, "_header_deadline", None)
+        if deadline is not None:
+            deadline.cancel()
+            self._header_deadline = None
+
+    def _headers_too_slow(self) -> None:
+        self._header_deadline = None
+        if not self.transport.is_closing():
+            log.info("closing a connection whose request headers took over %.0f s", self.header_timeout_s)
+            self.transport.close()
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next request on this keep-alive connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
 
 class _Server(uvicorn.Server):
@@ -49,6 +93,7 @@ class _Server(uvicorn.Server):
 
 def run(settings: Settings, host: str, port: int) -> None:
     app = create_app(settings)
+    _Protocol.header_timeout_s = settings.header_timeout_s
     config = uvicorn.Config(
         app,
         host=host,
@@ -58,6 +103,7 @@ def run(settings: Settings, host: str, port: int) -> None:
         ws_max_size=65536,
         limit_concurrency=settings.max_connections,
         timeout_keep_alive=5,
+        http=_Protocol,
         log_config=None,  # shared/logs.py configured logging (text or JSON, with ids)
     )
     _Server(config, app).run()

@@ -5,6 +5,7 @@ FanlineError                      500 server_error
 ├── Unauthorized                  401 authentication_error
 ├── Forbidden                     403 permission_error
 ├── NotFound                      404 not_found_error
+├── RequestTimeout                408 invalid_request_error
 ├── Conflict                      409 conflict_error
 ├── PayloadTooLarge               413 invalid_request_error
 ├── RateLimited                   429 rate_limit_error
@@ -55,6 +56,12 @@ class NotFound(FanlineError):
     status = 404
     type = "not_found_error"
     code = "not_found"
+
+
+class RequestTimeout(FanlineError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class Conflict(FanlineError):

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     # long a SIGTERM drain may take before the remaining connections are cut.
     max_connections: int = Field(19_000, ge=1)
     drain_timeout_s: float = Field(10.0, ge=0)
+    # A request's headers must arrive within this long, its body within body_timeout_s.
+    header_timeout_s: float = Field(10.0, gt=0)
+    body_timeout_s: float = Field(30.0, gt=0)
 
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
