@@ -113,6 +113,9 @@ class Hub:
         self._by_key: dict[bytes, Topic] = {}
         self._readers: dict[str, _Reader] = {}
         self._refresher: asyncio.Task[None] | None = None
+        # Often enough that an idle-cancel deadline never falls between two refreshes.
+        idle = settings.idle_cancel_s
+        self._viewed_refresh_s = min(_VIEWED_REFRESH_S, idle / 3) if idle else _VIEWED_REFRESH_S
         self.healthy = True
 
     # -- lifecycle ---------------------------------------------------------
@@ -235,15 +238,15 @@ class Hub:
         """Tell workers these generations still have viewers (for FANLINE_IDLE_CANCEL_S),
         and end, for the viewers, any generation Redis no longer has."""
         while True:
-            await asyncio.sleep(_VIEWED_REFRESH_S)
+            await asyncio.sleep(self._viewed_refresh_s)
             watched = [t for t in self._topics.values() if not t.finished]
             if not watched:
                 continue
-            now = int(time.time())
+            now = time.time()
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
                     for topic in watched:
-                        pipe.eval(_TOUCH, 1, keys.meta_key(topic.gen_id), str(now))
+                        pipe.eval(_TOUCH, 1, keys.meta_key(topic.gen_id), f"{now:.3f}")
                     exists = await pipe.execute()
             except RedisError as exc:
                 log.warning("refreshing viewed_at: %s", exc)

@@ -8,7 +8,7 @@ import secrets
 from shared.errors import InvalidRequest
 
 _GEN_ID = re.compile(r"[0-9a-f]{32}")
-_EVENT_ID = re.compile(r"(\d{1,18})-0")
+_EVENT_ID = re.compile(r"([0-9]{1,18})-0")  # not \d: it matches non-ASCII digits too
 
 
 def new_generation_id() -> str:

@@ -186,7 +186,7 @@ async def _keepalive(
             publisher.disowned = True
             task.cancel()
             return
-        idle = settings.idle_cancel_s > 0 and viewed_at is not None and now - int(viewed_at) > settings.idle_cancel_s
+        idle = settings.idle_cancel_s > 0 and viewed_at is not None and now - float(viewed_at) > settings.idle_cancel_s
         if cancel or idle:
             if idle:
                 log.info("generation %s: no viewer for %.0f s, cancelling", gen_id, settings.idle_cancel_s)

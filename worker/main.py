@@ -84,6 +84,14 @@ class _Listener:
                     return
 
 
+class _Worker(Worker):
+    async def _sleep_until_tasks_complete(self) -> None:
+        # arq waits until its task table is empty, but finished jobs leave it only at
+        # the next poll: an idle worker would wait a whole poll delay on SIGTERM.
+        while any(not t.done() for t in self.tasks.values()):  # noqa: ASYNC110 (arq's own loop, made exact)
+            await asyncio.sleep(0.1)
+
+
 def build_worker(settings: Settings) -> Worker:
     running = Running()
     state: dict[str, Any] = {}
@@ -115,7 +123,7 @@ def build_worker(settings: Settings) -> Worker:
         if "events_redis" in ctx:
             await ctx["events_redis"].aclose()
 
-    worker = Worker(
+    worker = _Worker(
         functions=[func(generate, name=keys.GENERATE_JOB, max_tries=1)],
         redis_settings=RedisSettings.from_dsn(settings.queue_url),
         queue_name=settings.queue_name,

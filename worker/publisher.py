@@ -54,9 +54,12 @@ local cancel = redis.call('HGET', KEYS[1], 'cancel') or false
 if n > 0 then
   redis.call('HSET', KEYS[1], unpack(ARGV, 6, 5 + n))
   for i = 1, 3 do redis.call('EXPIRE', KEYS[i], tonumber(ARGV[4])) end
+else
+  -- while running, the keys expire like the meta hash does, should nobody end it
+  for i = 2, 3 do redis.call('EXPIRE', KEYS[i], UNFINISHED_TTL_S, 'NX') end
 end
 return {status, cancel}
-"""
+""".replace("UNFINISHED_TTL_S", str(keys.UNFINISHED_TTL_S))
 _RETRY_FOR_S = 30.0
 
 

@@ -1,0 +1,172 @@
+"""The generation job on real workers: prompt start, deterministic demo, idle cancel, key expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from shared import keys
+from tests.conftest import StackFactory
+from tests.support import Stack, chat_body, generation, read_sse
+from worker.generators.demo import demo_tokens
+
+TERMINAL = ("completed", "failed", "cancelled")
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+async def create(client: httpx.AsyncClient, **body: Any) -> str:
+    response = await client.post("/v1/generations", json=chat_body(stream=False, **body))
+    assert response.status_code == 201, response.text
+    gen_id: str = response.json()["id"]
+    return gen_id
+
+
+async def wait_finished(client: httpx.AsyncClient, gen_id: str, polls: int = 400) -> dict[str, Any]:
+    """The generation once it has ended (a bounded poll of its status)."""
+    for _ in range(polls):
+        info = await generation(client, gen_id)
+        if info["status"] in TERMINAL:
+            return info
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"generation {gen_id} is still {info['status']}")
+
+
+async def test_jobs_start_on_the_wake_message_not_on_arq_polling(stack_factory: StackFactory) -> None:
+    # arq polls its queue only every 30 s here; each request below would wait for that poll
+    # (and time out: the client gives up after 15 s) if the wake message did not start the job.
+    # (worker_grace_s=0: this stack's worker need not wait for anything when the session ends.)
+    stack = stack_factory(apis=1, worker_poll_delay_s="30", worker_grace_s="0", demo_tokens_per_s="0")
+    async with httpx.AsyncClient(base_url=stack.url, timeout=15) as client:
+        for n in range(3):
+            response = await client.post("/v1/chat/completions", json=chat_body(f"prompt {n}", stream=False))
+            assert response.status_code == 200, response.text
+            gen_id = response.headers["x-fanline-generation-id"]
+            message = response.json()["choices"][0]["message"]["content"]
+            assert message == (await generation(client, gen_id))["content"] != ""
+        streamed = await read_sse(client, "POST", "/v1/chat/completions", json=chat_body("streamed", max_tokens=5))
+        assert streamed.done and streamed.finish_reason == "length"
+        assert streamed.text == (await generation(client, streamed.gen_id))["content"]
+
+
+async def test_an_idle_worker_stops_on_sigterm_without_waiting_for_arq_polling(stack_factory: StackFactory) -> None:
+    """Pins a bug: after SIGTERM, arq waits until its task table is empty, and finished jobs leave that
+    table only at the next poll, so an idle worker took min(poll delay, grace) to stop."""
+    stack = stack_factory(shared=False, apis=1, worker_poll_delay_s="30", demo_tokens_per_s="0")
+    worker = stack.workers[0]
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=15) as client:
+            response = await client.post("/v1/chat/completions", json=chat_body(stream=False, max_tokens=3))
+            assert response.status_code == 200, response.text
+        worker.send_signal(signal.SIGTERM)
+        try:
+            # Nothing is running: the worker has nothing to wait for (its next poll is ~30 s away).
+            code = await asyncio.to_thread(worker.wait, 10)
+        except subprocess.TimeoutExpired:
+            code = None
+        assert code == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        stack.stop()
+
+
+async def test_demo_is_deterministic_for_a_prompt_and_seed(fast_stack: Stack) -> None:
+    prompt = "determinism"
+
+    async def complete(**extra: Any) -> dict[str, Any]:
+        async with httpx.AsyncClient(base_url=fast_stack.url, timeout=30) as client:
+            response = await client.post("/v1/chat/completions", json=chat_body(prompt, stream=False, **extra))
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    first, again, other_seed = await asyncio.gather(
+        complete(seed=7, max_tokens=20), complete(seed=7, max_tokens=20), complete(seed=8, max_tokens=20)
+    )
+    text = first["choices"][0]["message"]["content"]
+    assert text == "".join(demo_tokens(prompt, 7, 20))
+    assert again["choices"][0]["message"]["content"] == text
+    assert other_seed["choices"][0]["message"]["content"] != text
+
+    natural, natural_again = await asyncio.gather(complete(seed=3), complete(seed=3))
+    assert natural["choices"][0]["message"]["content"] == natural_again["choices"][0]["message"]["content"]
+    natural_tokens = len(natural["choices"][0]["message"]["content"].split())
+    assert 24 <= natural_tokens <= 63
+    assert natural["choices"][0]["message"]["content"] == "".join(demo_tokens(prompt, 3, natural_tokens))
+
+
+async def test_the_outcome_is_written_before_viewers_see_the_end(fast_stack: Stack) -> None:
+    """Pins a race: the job published the end event before writing status, finish_reason and usage to the
+    metadata, so a non-streaming completion (built from the metadata once the end arrives) often had
+    ``finish_reason: null`` and ``usage: null``, and GET right after [DONE] could still say "running"."""
+    async with httpx.AsyncClient(base_url=fast_stack.url, timeout=30) as client:
+        for n in range(10):
+            response = await client.post(
+                "/v1/chat/completions", json=chat_body(f"outcome {n}", stream=False, max_tokens=8)
+            )
+            assert response.status_code == 200, response.text
+            body = response.json()
+            assert body["choices"][0]["finish_reason"] == "length", body
+            assert body["usage"]["completion_tokens"] == 8, body
+
+            streamed = await read_sse(client, "POST", "/v1/chat/completions", json=chat_body(f"seen {n}", max_tokens=8))
+            assert streamed.done and streamed.finish_reason == "length"
+            info = await generation(client, streamed.gen_id)
+            assert (info["status"], info["finish_reason"]) == ("completed", "length"), info
+            assert info["usage"]["completion_tokens"] == 8
+
+
+async def test_a_generation_nobody_watches_is_cancelled_when_idle(stack_factory: StackFactory) -> None:
+    stack = stack_factory(idle_cancel_s="1", demo_tokens_per_s="10")
+    prompt = "nobody is watching"
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        gen_id = await create(client, prompt=prompt, max_tokens=300)  # 30 s of tokens if nobody stopped it
+        info = await wait_finished(client, gen_id)
+        replay = await read_sse(client, "GET", f"/v1/generations/{gen_id}/events")
+    full = "".join(demo_tokens(prompt, None, 300))
+    assert info["status"] == "cancelled"
+    assert info["finish_reason"] == "cancelled"
+    assert len(info["content"]) < len(full)
+    assert full.startswith(info["content"])
+    assert replay.done and replay.finish_reason == "cancelled"
+    assert replay.text == info["content"]
+
+
+async def test_a_watched_generation_is_not_idle_cancelled(stack_factory: StackFactory) -> None:
+    stack = stack_factory(idle_cancel_s="1", demo_tokens_per_s="10")
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        gen_id = await create(client, prompt="someone is watching", max_tokens=40)  # 4 s at 10 tokens/s
+        watched = await read_sse(client, "GET", f"/v1/generations/{gen_id}/events")
+        info = await generation(client, gen_id)
+    assert watched.done
+    assert (info["status"], watched.finish_reason) == ("completed", "length")
+    assert watched.text == info["content"] == "".join(demo_tokens("someone is watching", None, 40))
+
+
+async def test_keys_expire_after_the_retention_period(stack_factory: StackFactory, redis: aioredis.Redis) -> None:
+    stack = stack_factory(retention_s="60", demo_tokens_per_s="20")
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        gen_id = await create(client, max_tokens=20)  # about 1 s
+        # Before it finishes: the metadata is not immortal either.
+        before = await redis.ttl(keys.meta_key(gen_id))
+        assert 0 < before <= keys.UNFINISHED_TTL_S
+        assert (await generation(client, gen_id))["status"] in ("queued", "running")
+        info = await wait_finished(client, gen_id)
+    assert info["status"] == "completed"
+    for key in keys.generation_keys(gen_id):
+        assert await redis.exists(key) == 1, key
+        assert 0 < await redis.ttl(key) <= 60, key

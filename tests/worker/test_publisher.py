@@ -1,0 +1,227 @@
+"""The publisher against a real Redis/Valkey: explicit ids, idempotent retries, coalescing, the closing entries."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from shared import events, keys
+from shared.ids import new_generation_id
+from worker.publisher import Publisher
+
+USAGE = {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
+RETENTION_S = 60
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def gen_id(redis: aioredis.Redis) -> AsyncIterator[str]:
+    """A generation in the state the job leaves it in before publishing: running."""
+    gen_id = new_generation_id()
+    await redis.hset(keys.meta_key(gen_id), keys.Meta.STATUS, "running")  # type: ignore[misc]
+    yield gen_id
+    await redis.delete(*keys.generation_keys(gen_id))
+
+
+def publisher(redis: aioredis.Redis, gen_id: str) -> Publisher:
+    return Publisher(redis, gen_id, "demo", 1700000000, max_events=100_000, retention_s=RETENTION_S)
+
+
+async def meta(redis: aioredis.Redis, gen_id: str) -> dict[str, str]:
+    stored: dict[bytes, bytes] = await redis.hgetall(keys.meta_key(gen_id))  # type: ignore[misc]
+    return {k.decode(): v.decode() for k, v in stored.items()}
+
+
+async def entries(redis: aioredis.Redis, gen_id: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    result: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(keys.events_key(gen_id))
+    return result
+
+
+def payloads(stored: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Any]:
+    return [orjson.loads(fields[b"d"]) if fields[b"k"] != events.END else None for _, fields in stored]
+
+
+def text_of(stored: list[tuple[bytes, dict[bytes, bytes]]]) -> str:
+    return "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads(stored) if p and p.get("choices"))
+
+
+async def test_resending_the_same_entries_is_a_no_op(redis: aioredis.Redis, gen_id: str) -> None:
+    pub = publisher(redis, gen_id)
+    for token in ("one ", "two ", "three "):
+        pub.add({"content": token})
+        await pub.drain()  # one write per token
+    before = await entries(redis, gen_id)
+    assert [entry_id for entry_id, _ in before] == [b"1-0", b"2-0", b"3-0"]
+    content = await redis.get(keys.content_key(gen_id))
+    assert content == b"one two three "
+
+    # A retry after a lost reply: the same ids, the same text at the same offset.
+    resent = [(entry_id.decode(), fields) for entry_id, fields in before]
+    await pub._send(resent, 0, content)
+    await pub._send(resent[1:], len(b"one "), b"two three ")
+    assert await redis.xlen(keys.events_key(gen_id)) == 3
+    assert await entries(redis, gen_id) == before
+    assert await redis.get(keys.content_key(gen_id)) == content
+
+
+async def test_a_retry_that_partly_succeeded_writes_only_what_is_missing(redis: aioredis.Redis, gen_id: str) -> None:
+    pub = publisher(redis, gen_id)
+    pub.add({"content": "alpha "})
+    await pub.drain()
+    stored = await entries(redis, gen_id)
+    # The first attempt stored entry 1 and "alpha "; the reply was lost; the retry also carries entry 2.
+    batch = [
+        ("1-0", stored[0][1]),
+        ("2-0", events.entry_fields(events.CHUNK, events.chunk("chatcmpl-x", 1, "demo", {"content": "beta "}))),
+    ]
+    await pub._send(batch, 0, b"alpha beta ")
+    after = await entries(redis, gen_id)
+    assert [entry_id for entry_id, _ in after] == [b"1-0", b"2-0"]
+    assert after[0] == stored[0]
+    assert text_of(after) == "alpha beta "
+    assert await redis.get(keys.content_key(gen_id)) == b"alpha beta "
+
+
+async def test_tokens_added_without_yielding_are_coalesced(redis: aioredis.Redis, gen_id: str) -> None:
+    tokens = [f"t{i} " for i in range(500)]
+    pub = publisher(redis, gen_id)
+    for token in tokens:  # no await in between: the flusher cannot run until the loop gets control
+        pub.add({"content": token})
+    await pub.drain()
+    stored = await entries(redis, gen_id)
+    assert len(stored) < len(tokens) // 10
+    assert text_of(stored) == "".join(tokens)
+    assert await redis.get(keys.content_key(gen_id)) == "".join(tokens).encode()
+    first = payloads(stored)[0]
+    assert first["choices"][0]["delta"]["role"] == "assistant"
+    assert all("role" not in p["choices"][0]["delta"] for p in payloads(stored)[1:])
+    assert [entry_id for entry_id, _ in stored] == [f"{n}-0".encode() for n in range(1, len(stored) + 1)]
+
+
+async def test_tokens_interleaved_with_writes_keep_order_and_text(redis: aioredis.Redis, gen_id: str) -> None:
+    tokens = [f"w{i} " for i in range(300)]
+    pub = publisher(redis, gen_id)
+    for i, token in enumerate(tokens):
+        pub.add({"content": token})
+        if i % 7 == 0:
+            await pub.drain()
+    await pub.drain()
+    stored = await entries(redis, gen_id)
+    assert len(stored) < len(tokens)
+    assert text_of(stored) == "".join(tokens)
+    assert await redis.get(keys.content_key(gen_id)) == "".join(tokens).encode()
+    assert pub.seq == len(stored)
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_finish_writes_final_chunk_usage_if_asked_and_end(
+    redis: aioredis.Redis, gen_id: str, include_usage: bool
+) -> None:
+    pub = publisher(redis, gen_id)
+    pub.add({"content": "Hello "})
+    await pub.drain()
+    pub.add({"content": "world"})
+    await pub.finish("completed", "length", USAGE, include_usage)
+    stored = await entries(redis, gen_id)
+    kinds = [fields[b"k"] for _, fields in stored]
+    assert stored[-1][0] == f"{len(stored)}-0".encode()
+    expected_kinds = [events.CHUNK] * (4 if include_usage else 3) + [events.END]
+    assert kinds == expected_kinds
+    assert stored[-1][1][b"d"] == b""
+    chunks = payloads(stored)[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Hello "}
+    assert chunks[1]["choices"][0] == {
+        "index": 0,
+        "delta": {"content": "world"},
+        "logprobs": None,
+        "finish_reason": None,
+    }
+    assert chunks[2]["choices"][0]["delta"] == {}
+    assert chunks[2]["choices"][0]["finish_reason"] == "length"
+    if include_usage:
+        assert chunks[3]["choices"] == []
+        assert chunks[3]["usage"] == USAGE
+    for chunk in chunks:
+        assert chunk["id"] == f"chatcmpl-{gen_id}"
+        assert chunk["object"] == "chat.completion.chunk"
+        assert (chunk["model"], chunk["created"]) == ("demo", 1700000000)
+    assert await redis.get(keys.content_key(gen_id)) == b"Hello world"
+    # The outcome is written with the end event, and from then on every key expires.
+    outcome = await meta(redis, gen_id)
+    assert outcome["status"] == "completed"
+    assert outcome["finish_reason"] == "length"
+    assert orjson.loads(outcome["usage"]) == USAGE
+    assert outcome["last_event_id"] == stored[-1][0].decode()
+    for key in keys.generation_keys(gen_id):
+        assert 0 < await redis.ttl(key) <= RETENTION_S, key
+
+
+async def test_finish_without_any_token_still_sends_the_role(redis: aioredis.Redis, gen_id: str) -> None:
+    pub = publisher(redis, gen_id)
+    await pub.finish("completed", "stop", None, True)  # no usage known: no usage chunk even when asked
+    stored = await entries(redis, gen_id)
+    assert [fields[b"k"] for _, fields in stored] == [events.CHUNK, events.END]
+    assert payloads(stored)[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert payloads(stored)[0]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_fail_writes_an_error_then_the_end(redis: aioredis.Redis, gen_id: str) -> None:
+    pub = publisher(redis, gen_id)
+    pub.add({"content": "partial"})
+    await pub.fail("upstream timed out", "upstream_timeout")
+    stored = await entries(redis, gen_id)
+    assert [fields[b"k"] for _, fields in stored] == [events.CHUNK, events.ERROR, events.END]
+    outcome = await meta(redis, gen_id)
+    assert (outcome["status"], outcome["last_event_id"]) == ("failed", "3-0")
+    assert orjson.loads(outcome["error"]) == {"message": "upstream timed out", "code": "upstream_timeout"}
+    assert payloads(stored)[1] == {
+        "error": {"message": "upstream timed out", "type": "server_error", "param": None, "code": "upstream_timeout"}
+    }
+
+
+async def test_cancel_flag_is_seen_by_the_next_write(redis: aioredis.Redis, gen_id: str) -> None:
+    pub = publisher(redis, gen_id)
+    pub.add({"content": "a"})
+    await pub.drain()
+    assert not pub.cancel_requested
+    await redis.hset(keys.meta_key(gen_id), keys.Meta.CANCEL, "1")  # type: ignore[misc]
+    pub.add({"content": "b"})
+    await pub.drain()
+    assert pub.cancel_requested
+
+
+async def test_nothing_is_written_once_the_generation_is_no_longer_running(redis: aioredis.Redis, gen_id: str) -> None:
+    pub = publisher(redis, gen_id)
+    pub.add({"content": "mine "})
+    await pub.drain()
+    # A reaper declared this worker lost and ended the generation.
+    await redis.hset(keys.meta_key(gen_id), keys.Meta.STATUS, "failed")  # type: ignore[misc]
+    pub.add({"content": "too late"})
+    await pub.drain()
+    assert pub.disowned
+    assert await redis.xlen(keys.events_key(gen_id)) == 1
+    assert await redis.get(keys.content_key(gen_id)) == b"mine "
+
+
+async def test_resending_the_final_write_is_a_no_op(redis: aioredis.Redis, gen_id: str) -> None:
+    pub = publisher(redis, gen_id)
+    pub.add({"content": "done"})
+    await pub.finish("completed", "stop", USAGE, False)
+    before, outcome = await entries(redis, gen_id), await meta(redis, gen_id)
+    # The reply to the write that carried the end was lost: the same write again.
+    resent = [(entry_id.decode(), fields) for entry_id, fields in before]
+    await pub._send(resent, 0, b"done", {"status": "completed", "finish_reason": "stop"})
+    assert not pub.disowned  # it finds the status it wrote itself
+    assert await entries(redis, gen_id) == before
+    assert await meta(redis, gen_id) == outcome
+    assert await redis.get(keys.content_key(gen_id)) == b"done"
