@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     upstream_base_url: str = ""
     upstream_api_key: str = ""
     upstream_model: str = ""
-    upstream_timeout_s: float = 60.0
+    upstream_timeout_s: float = Field(60.0, gt=0)
     # Demo pace; 0 means as fast as possible (the benchmark's "no delay").
     demo_tokens_per_s: float = Field(30.0, ge=0)
 

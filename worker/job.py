@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -94,8 +95,18 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
     started = time.monotonic()
 
     async def produce() -> None:
+        deltas = generator(request, gen_ctx)
+        # Close the generator (and, for an upstream, its HTTP stream) as soon as we stop.
+        try:
+            await _consume(deltas)
+        finally:
+            aclose = getattr(deltas, "aclose", None)  # a plugin may return a plain async iterator
+            if aclose is not None:
+                await aclose()
+
+    async def _consume(deltas: AsyncIterator[Any]) -> None:
         first = True
-        async for delta in generator(request, gen_ctx):
+        async for delta in deltas:
             if first:
                 metrics.FIRST_TOKEN.observe(time.monotonic() - started)
                 first = False

@@ -93,13 +93,14 @@ class _Worker(Worker):
 
 
 def build_worker(settings: Settings) -> Worker:
+    generator = load_generator(settings.generator)  # a bad name fails here, with its reason
     running = Running()
     state: dict[str, Any] = {}
 
     async def startup(ctx: dict[str, Any]) -> None:
         ctx["settings"] = settings
         ctx["events_redis"] = events_redis(settings)
-        ctx["generator"] = load_generator(settings.generator)
+        ctx["generator"] = generator
         ctx["running"] = running
         listener = _Listener(worker, queue_redis(settings, pubsub=True), running)
         listener.task = asyncio.create_task(listener.run(), name="wake-listener")
@@ -143,4 +144,8 @@ def build_worker(settings: Settings) -> Worker:
 
 
 def run(settings: Settings) -> None:
-    build_worker(settings).run()
+    try:
+        worker = build_worker(settings)
+    except (ValueError, ImportError, AttributeError) as exc:
+        raise SystemExit(f"fanline worker: FANLINE_GENERATOR={settings.generator!r}: {exc}") from None
+    worker.run()

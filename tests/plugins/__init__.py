@@ -1,0 +1,1 @@
+"""Example generator plugins, loaded by real workers in tests/worker/test_plugins.py."""

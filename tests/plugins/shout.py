@@ -1,0 +1,17 @@
+"""The example plugin of worker/generators/__init__.py and docs/generators.md, word for word."""
+
+from collections.abc import AsyncIterator
+
+from shared.errors import GenerationFailed
+from shared.events import Delta
+from shared.requests import ChatCompletionRequest
+from worker.generators import GenerationContext
+
+
+async def shout(request: ChatCompletionRequest, ctx: GenerationContext) -> AsyncIterator[Delta]:
+    words = request.prompt_text().split()
+    if not words:
+        raise GenerationFailed("nothing to shout", code="empty_prompt")
+    for word in words:
+        yield {"content": word.upper() + " "}
+    ctx.usage = {"prompt_tokens": len(words), "completion_tokens": len(words), "total_tokens": 2 * len(words)}
