@@ -1,4 +1,4 @@
-"""The example plugin of worker/generators/__init__.py and docs/generators.md, word for word."""
+"""The example plugin of worker/generators/__init__.py and the README, word for word."""
 
 from collections.abc import AsyncIterator
 
