@@ -1,0 +1,53 @@
+"""The benchmark's smoke mode, end to end: it starts, measures both systems, stops, and reports exactness.
+
+No timing is asserted (figures on a shared CI machine mean nothing); only that the
+benchmark keeps working and that every viewer of both systems got every event.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.timeout(300)
+def test_smoke_run_is_exact_for_both_systems(tmp_path: Path) -> None:
+    output = tmp_path / "smoke.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--output", str(output), "--note", "pytest smoke"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        stdin=subprocess.DEVNULL,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert output.with_suffix(".png").exists() or "matplotlib" in run.stdout
+
+    names = {s["scenario"] for s in result["scenarios"]}
+    assert names == {"ttft", "fanout", "many", "idle", "late"}
+    for scenario in result["scenarios"]:
+        systems = scenario["systems"]
+        assert systems["fanline"]["exact"] is True, (scenario["label"], systems["fanline"]["errors"])
+        if scenario["scenario"] == "ttft":
+            assert systems["baseline"] is None  # the baseline has no POST endpoint
+            continue
+        assert systems["baseline"]["exact"] is True, (scenario["label"], systems["baseline"]["errors"])
+        for figures in systems.values():
+            assert figures["delivered"] > 0
+            assert figures["latency_ms"]["samples"] > 0
+    assert {t["key"] for t in result["targets"]} >= {
+        "ttft",
+        "latency_1000",
+        "throughput",
+        "idle",
+        "redis_ratio",
+        "storm",
+    }

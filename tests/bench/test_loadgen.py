@@ -1,0 +1,96 @@
+"""The load generator's hand-written parser (HTTP head, chunked coding, SSE) and its checks.
+
+The benchmark's exactness verdict rests on these: a parser that missed a gap or a
+duplicate would report a broken stream as exact.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+from bench.loadgen import LoadRun, Viewer
+
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+class FakeTransport:
+    def write(self, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def chunked(*pieces: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces)
+
+
+def frame(seq: int, data: bytes) -> bytes:
+    return b"id: %d-0\ndata: %s\n\n" % (seq, data)
+
+
+def viewer() -> Viewer:
+    run = LoadRun({})
+    run.remaining = 1
+    v = Viewer(run, "gen", "live", 0, witness=True)
+    v.transport = FakeTransport()  # type: ignore[assignment]
+    return v
+
+
+def feed(v: Viewer, wire: bytes, step: int) -> None:
+    for i in range(0, len(wire), step):
+        v.data_received(wire[i : i + step])
+
+
+CHUNK = b'{"choices":[{"index":0,"delta":{"content":"hi "}}]}'
+
+
+async def test_a_stream_split_at_every_byte_boundary_is_read_exactly() -> None:
+    # retry and heartbeat lines come without a blank line (see api/transports/sse.py).
+    body = chunked(b"retry: 1000\n", frame(1, CHUNK), b": ping\n" + frame(2, CHUNK) + frame(3, b"[DONE]"))
+    for step in (1, 2, 3, 7, 64, len(HEAD + body)):
+        v = viewer()
+        feed(v, HEAD + body, step)
+        assert v.done and not v.failure
+        assert (v.count, v.next_seq, v.gaps, v.dups, v.error_events) == (3, 4, 0, 0, 0)
+        assert v.crc == zlib.crc32(b"[DONE]", zlib.crc32(CHUNK, zlib.crc32(CHUNK)))
+        assert v.text() == "hi hi "
+        assert v.times is not None and len(v.times) == 3
+
+
+async def test_gaps_and_duplicates_are_counted() -> None:
+    v = viewer()
+    feed(v, HEAD + chunked(frame(1, CHUNK), frame(3, CHUNK), frame(3, CHUNK), frame(4, b"[DONE]")), 5)
+    assert v.done
+    assert (v.gaps, v.dups) == (1, 1)
+
+
+async def test_a_refused_request_and_an_error_event_are_failures() -> None:
+    v = viewer()
+    feed(v, b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}", 100)
+    assert v.finished.done() and v.failure.startswith("HTTP 404")
+    assert v.run.http_errors["404"] == 1
+
+    v = viewer()
+    error = b'{"error":{"message":"x","type":"server_error","code":"worker_lost"}}'
+    feed(v, HEAD + chunked(frame(1, CHUNK), frame(2, error), frame(3, b"[DONE]")), 9)
+    assert v.done and v.error_events == 1
+
+
+async def test_a_response_that_ends_without_done_is_a_failure() -> None:
+    v = viewer()
+    feed(v, HEAD + chunked(frame(1, CHUNK)) + b"0\r\n\r\n", 4)
+    assert v.failure == "response ended without [DONE]"
+
+
+async def test_a_resumer_drops_right_after_its_event() -> None:
+    run = LoadRun({})
+    run.remaining = 1
+    v = Viewer(run, "gen", "resume", 0, drop_after=2)
+    v.transport = FakeTransport()  # type: ignore[assignment]
+    feed(v, HEAD + chunked(frame(1, CHUNK) + frame(2, CHUNK) + frame(3, CHUNK)), 1000)
+    # Event 3 arrived in the same read but must not count: the resume asks for it again.
+    assert (v.count, v.last_id, v.dropping, v.done) == (2, b"2-0", True, False)
