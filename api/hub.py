@@ -21,7 +21,6 @@ lost by that: a topic's position only advances when events are appended.
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable
@@ -44,44 +43,96 @@ _VIEWED_REFRESH_S = 2.0
 
 
 class Topic:
-    """One generation watched on this pod: its recent events and the viewers' wake-up."""
+    """One generation watched on this pod: its recent events, and its waiting viewers."""
 
     def __init__(self, gen_id: str, start_seq: int, capacity: int) -> None:
         self.gen_id = gen_id
         self.key = keys.events_key(gen_id).encode()
-        self.ring: collections.deque[Event] = collections.deque(maxlen=capacity)
+        # The recent events, contiguous; a list (slices are cheap) trimmed to
+        # ``capacity`` in halves, so a trim costs O(1) per appended event.
+        self.ring: list[Event] = []
+        self.capacity = capacity
         self.last_seq = start_seq  # the reader reads strictly after this
         self.finished = False
         self.viewers = 0
-        self.changed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Each waiting viewer parks on a future of its own (cancelling one viewer
+        # cannot disturb the others); whoever has news resolves them all.
+        self.waiters: list[asyncio.Future[None]] = []
 
     def append(self, batch: Iterable[Event]) -> None:
         added = False
         now_us = time.time_ns() // 1000
+        ring = self.ring
         for event in batch:
             if event.seq <= self.last_seq:
                 continue  # already have it (a read that was interrupted and repeated)
-            if self.ring and event.seq != self.ring[-1].seq + 1:
-                self.ring.clear()  # a gap (trimmed history): keep the ring contiguous
-            self.ring.append(event)
+            if ring and event.seq != ring[-1].seq + 1:
+                ring.clear()  # a gap (trimmed history): keep the ring contiguous
+            ring.append(event)
             self.last_seq = event.seq
             if event.ts_us:
                 metrics.HUB_LAG.observe(max(0, now_us - event.ts_us) / 1e6)
             added = True
             if event.is_end:
                 self.finished = True
+        if len(ring) > 2 * self.capacity:
+            del ring[: len(ring) - self.capacity]
         if added:
-            self.changed.set_result(None)
-            self.changed = asyncio.get_running_loop().create_future()
+            self.wake()
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def after(self, seq: int, limit: int) -> list[Event] | None:
         """Events after ``seq`` from the ring; [] if there are none yet; None if the ring no longer has them."""
         if seq >= self.last_seq:
             return []
-        if not self.ring or self.ring[0].seq > seq + 1:
+        ring = self.ring
+        if not ring or ring[0].seq > seq + 1:
             return None
-        start = seq + 1 - self.ring[0].seq
-        return [self.ring[i] for i in range(start, min(start + limit, len(self.ring)))]
+        start = seq + 1 - ring[0].seq
+        return ring[start : start + limit]
+
+
+class SendWatch:
+    """Cuts off viewers whose socket accepts nothing for ``timeout`` seconds.
+
+    A viewer marks ``sending`` (loop time) around each write; one sweep a second
+    cancels the task of any viewer stuck in a write for too long (cheaper than a
+    timeout context around every write).
+    """
+
+    class Entry:
+        __slots__ = ("cut_off", "sending", "task")
+
+        def __init__(self, task: asyncio.Task[Any]) -> None:
+            self.task = task
+            self.sending = 0.0
+            self.cut_off = False
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.entries: set[SendWatch.Entry] = set()
+
+    def watch(self) -> Entry:
+        task = asyncio.current_task()
+        assert task is not None
+        entry = SendWatch.Entry(task)
+        self.entries.add(entry)
+        return entry
+
+    async def sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(1.0, self.timeout / 2))
+            deadline = loop.time() - self.timeout
+            for entry in self.entries:
+                if 0 < entry.sending < deadline and not entry.cut_off:
+                    entry.cut_off = True
+                    entry.task.cancel()
 
 
 class HistoryGone(Conflict):
@@ -108,11 +159,14 @@ class Hub:
     def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
         self._redis = redis
         self.settings = settings
-        self._drain: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.draining = False
         self._topics: dict[str, Topic] = {}
         self._by_key: dict[bytes, Topic] = {}
         self._readers: dict[str, _Reader] = {}
         self._refresher: asyncio.Task[None] | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.sends = SendWatch(settings.slow_viewer_timeout_s)
         # Often enough that an idle-cancel deadline never falls between two refreshes.
         idle = settings.idle_cancel_s
         self._viewed_refresh_s = min(_VIEWED_REFRESH_S, idle / 3) if idle else _VIEWED_REFRESH_S
@@ -122,11 +176,12 @@ class Hub:
 
     async def start(self) -> None:
         self._refresher = asyncio.create_task(self._refresh_viewed(), name="hub-viewed")
+        self._ticker = asyncio.create_task(self._tick(), name="hub-heartbeat")
+        self._sweeper = asyncio.create_task(self.sends.sweep(), name="hub-send-watch")
 
     async def stop(self) -> None:
         tasks = [r.task for r in self._readers.values() if r.task is not None]
-        if self._refresher is not None:
-            tasks.append(self._refresher)
+        tasks += [t for t in (self._refresher, self._ticker, self._sweeper) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -134,12 +189,9 @@ class Hub:
 
     def drain(self) -> None:
         """Ask every viewer on this pod to reconnect elsewhere (SIGTERM)."""
-        if not self._drain.done():
-            self._drain.set_result(None)
-
-    @property
-    def draining(self) -> bool:
-        return self._drain.done()
+        self.draining = True
+        for topic in list(self._topics.values()):
+            topic.wake()
 
     @property
     def topic_count(self) -> int:
@@ -151,19 +203,33 @@ class Hub:
 
     # -- viewers -----------------------------------------------------------
 
-    async def follow(self, gen_id: str, cursor: int, stop: asyncio.Future[Any]) -> AsyncIterator[list[Event] | None]:
+    async def follow(
+        self, gen_id: str, cursor: int, stop: asyncio.Future[Any], *, drainable: bool = True
+    ) -> AsyncIterator[list[Event] | None]:
         """Batches of events strictly after ``cursor``, ending with the end event.
 
-        Yields None when nothing happened for a heartbeat interval. Returns when
+        Yields None at each heartbeat tick that found nothing new. Returns when
         ``stop`` completes (the client went away); raises Draining when the pod
-        is shutting down, and HistoryGone when the cursor is older than Redis keeps.
+        is shutting down (unless not ``drainable``: a non-streaming request waits
+        for its answer, within the server's graceful-shutdown time), and
+        HistoryGone when the cursor is older than Redis keeps.
         """
         topic = self._subscribe(gen_id, cursor)
         limit = self.settings.hub_batch_events
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[None] | None = None
+
+        def wake(_: object) -> None:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+        stop.add_done_callback(wake)
         try:
             while True:
-                if self._drain.done():
+                if self.draining and drainable:
                     raise Draining
+                if stop.done():
+                    return
                 batch = topic.after(cursor, limit)
                 if batch is None:
                     batch = await self._history(topic, cursor, limit)
@@ -173,16 +239,17 @@ class Hub:
                     if batch[-1].is_end:
                         return
                     continue
-                done, _ = await asyncio.wait(
-                    (topic.changed, stop, self._drain),
-                    timeout=self.settings.heartbeat_s,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                if stop in done:
-                    return
-                if not done:
-                    yield None
+                # Park until the reader appends, the heartbeat ticks, the client leaves
+                # or the pod drains. (asyncio.wait on shared futures here cost O(viewers)
+                # per wake-up in callback bookkeeping: see the benchmark notes.)
+                waiter = loop.create_future()
+                topic.waiters.append(waiter)
+                await waiter
+                waiter = None
+                if topic.last_seq <= cursor and not stop.done() and not (self.draining and drainable):
+                    yield None  # woken by the heartbeat tick with nothing new
         finally:
+            stop.remove_done_callback(wake)
             self._unsubscribe(topic)
 
     async def _history(self, topic: Topic, cursor: int, limit: int) -> list[Event]:
@@ -192,7 +259,7 @@ class Hub:
         if (batch and batch[0].seq != cursor + 1) or (not batch and cursor < topic.last_seq):
             raise HistoryGone(
                 f"events after {event_id(cursor)} are no longer retained; "
-                "fetch GET /v1/generations/{id} for the full content"
+                f"GET /v1/generations/{topic.gen_id} has the full content"
             )
         return batch
 
@@ -233,6 +300,14 @@ class Hub:
 
     def _live(self, group: str) -> list[Topic]:
         return [t for t in self._topics.values() if not t.finished and self._group(t) == group]
+
+    async def _tick(self) -> None:
+        """One pod-wide heartbeat: every heartbeat_s, wake every waiting viewer (those with
+        nothing new send a heartbeat) — one timer for the pod, not one per viewer."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            for topic in list(self._topics.values()):
+                topic.wake()
 
     async def _refresh_viewed(self) -> None:
         """Tell workers these generations still have viewers (for FANLINE_IDLE_CANCEL_S),

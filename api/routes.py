@@ -96,7 +96,7 @@ async def _complete(request: Request, gen_id: str, headers: dict[str, str]) -> R
     gone = asyncio.ensure_future(transports.wait_disconnect(request.receive))
     error: bytes | None = None
     try:
-        async for batch in _hub(request).follow(gen_id, 0, gone):
+        async for batch in _hub(request).follow(gen_id, 0, gone, drainable=False):
             for event in batch or ():
                 if event.kind == events.ERROR:
                     error = event.data
@@ -159,6 +159,11 @@ async def get_generation(request: Request, gen_id: str) -> Response:
 
 @router.get("/v1/generations/{gen_id}/events", response_model=None)
 async def generation_events(request: Request, gen_id: str) -> transports.EventStreamResponse:
+    return await events_response(request, gen_id)
+
+
+async def events_response(request: Request, gen_id: str) -> transports.EventStreamResponse:
+    """Watch or resume (also served by api.app.Edge, outside FastAPI, as the hot path)."""
     _auth(request).require_read(request, gen_id)
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     generation = await _generations(request).get(gen_id)

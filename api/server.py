@@ -13,12 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import FrameType
+from typing import Any
 
+import orjson
 import uvicorn
-from fastapi import FastAPI
+from starlette.types import Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from api.app import create_app
+from api.app import Edge, create_app
+from shared.errors import Unavailable
 from shared.settings import Settings
 
 log = logging.getLogger("fanline.api")
@@ -66,9 +70,28 @@ class _Protocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # Past the connection cap uvicorn answers in plain text; answer in our error body.
+        chosen: Any = _overloaded if app is service_unavailable else app
+        super()._start_asgi_task(cycle, chosen)
+
+
+async def _overloaded(scope: Scope, receive: Receive, send: Send) -> None:
+    body = orjson.dumps(
+        Unavailable("this pod holds as many connections as it may; retry shortly", code="overloaded").body()
+    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", b"1"),
+        (b"connection", b"close"),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
 
 class _Server(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: Edge) -> None:
         super().__init__(config)
         self._app = app
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import sys
 import time
 
@@ -21,8 +22,21 @@ gen_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("gen_id", defau
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 
 
+# Credentials that libraries may put in a log line: ?token=… in a request target
+# (EventSource and WebSocket clients send watch tokens or keys there), and
+# Authorization headers in debug dumps of a handshake.
+_SECRETS = re.compile(r"(?i)((?:[?&]token=)|(?:authorization:\s*(?:bearer\s+)?))[^\s&\"']+")
+
+
+def redact(text: str) -> str:
+    return _SECRETS.sub(r"\1[redacted]", text)
+
+
 class _Context(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "token=" in message or "uthorization" in message:
+            record.msg, record.args = redact(message), None
         gen_id, request_id = gen_id_var.get(), request_id_var.get()
         ids = " ".join(f"{k}={v}" for k, v in (("gen", gen_id), ("req", request_id)) if v)
         record.__dict__.update(gen_id=gen_id, request_id=request_id, ids=f" [{ids}]" if ids else "")

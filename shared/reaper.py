@@ -62,11 +62,19 @@ class Reaper:
             await asyncio.gather(self.task, return_exceptions=True)
 
     async def _loop(self) -> None:
+        # Reap only after this process has had Redis for a whole worker_lost_after_s:
+        # after an outage, workers need that long to get a heartbeat through, and
+        # their generations must not be failed for the outage itself.
+        healthy_since = time.monotonic()
         while True:
             await asyncio.sleep(self._settings.reap_interval_s)
             try:
-                await self.reap_once()
+                if time.monotonic() - healthy_since >= self._settings.worker_lost_after_s:
+                    await self.reap_once()
+                else:
+                    await self._redis.ping()
             except RedisError as exc:
+                healthy_since = time.monotonic()
                 log.warning("reaper: %s", exc)
 
     async def reap_once(self) -> int:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from shared import keys
 from shared.errors import GenerationFailed
@@ -191,8 +192,13 @@ async def _keepalive(
     while not task.done():
         await asyncio.sleep(settings.worker_heartbeat_s)
         now = time.time()
-        status, cancel, viewed_at = await beat(keys=[meta_key], args=[int(now)])
-        await redis.zadd(keys.RUNNING, {gen_id: now})
+        try:
+            status, cancel, viewed_at = await beat(keys=[meta_key], args=[int(now)])
+            await redis.zadd(keys.RUNNING, {gen_id: now})
+        except RedisError as exc:  # Redis away for a moment: beat again next time
+            metrics.REDIS_ERRORS.labels("heartbeat").inc()
+            log.warning("generation %s: heartbeat failed: %s", gen_id, exc)
+            continue
         if status != b"running":
             publisher.disowned = True
             task.cancel()

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 from arq.connections import RedisSettings
 from arq.worker import Worker, func
 from prometheus_client import start_http_server
+from redis.exceptions import RedisError
 
 from shared import keys
 from shared.connections import events_redis, queue_redis
@@ -85,6 +86,19 @@ class _Listener:
 
 
 class _Worker(Worker):
+    _poll_backoff = 0.1
+
+    async def _poll_iteration(self) -> None:
+        # arq lets a Redis error out of its poll, which ends the worker; an outage of
+        # a few seconds should only pause it.
+        try:
+            await super()._poll_iteration()
+            self._poll_backoff = 0.1
+        except (RedisError, OSError) as exc:
+            log.warning("polling the queue: %s; retrying in %.1f s", exc, self._poll_backoff)
+            await asyncio.sleep(self._poll_backoff)
+            self._poll_backoff = min(self._poll_backoff * 2, 5.0)
+
     async def _sleep_until_tasks_complete(self) -> None:
         # arq waits until its task table is empty, but finished jobs leave it only at
         # the next poll: an idle worker would wait a whole poll delay on SIGTERM.

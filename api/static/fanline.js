@@ -134,21 +134,25 @@ export class SSEParser {
 }
 
 /**
- * Reads a fetch Response body as SSE events.
+ * Reads a fetch Response body as SSE events. Aborting `signal` ends the read with its reason;
  * `onBytes` is called on every read (heartbeats included), for stall detection.
  */
-export async function* readEvents(body, { onBytes } = {}) {
+export async function* readEvents(body, { signal, onBytes } = {}) {
   const parser = new SSEParser();
   const reader = body.getReader();
+  const aborted = () => reader.cancel(signal.reason).catch(() => {});
+  signal?.addEventListener("abort", aborted, { once: true });
   try {
     for (;;) {
       const { done, value } = await reader.read();
+      if (signal?.aborted) throw signal.reason;
       if (done) break;
       onBytes?.();
       yield* parser.feed(value);
     }
     yield* parser.end();
   } finally {
+    signal?.removeEventListener("abort", aborted);
     reader.cancel().catch(() => {});
   }
 }
@@ -254,13 +258,13 @@ function apply(result, chunk) {
  * Follows generation `id` to its end, resuming after `lastEventId`; `first` is an
  * already open response (the POST of chat()). Resolves with the result.
  */
-async function follow(id, first, options) {
+async function follow(generationId, first, options) {
+  let id = generationId;
   const { signal, onDelta, onChunk, onStatus, baseUrl } = options;
   const fetchFn = options.fetch || globalThis.fetch.bind(globalThis);
   const result = emptyResult(id, options.lastEventId);
   let response = first;
   let failures = 0;
-  let serverRetry = null;
   const status = (s) => onStatus?.(s, result);
 
   for (;;) {
@@ -298,7 +302,7 @@ async function follow(id, first, options) {
       status("live");
       armStall();
       let gotEvent = false;
-      for await (const event of readEvents(response.body, { onBytes: armStall })) {
+      for await (const event of readEvents(response.body, { signal: attempt.signal, onBytes: armStall })) {
         if (event.data === "[DONE]") {
           if (event.id) result.lastEventId = event.id;
           if (result.error) {
@@ -318,6 +322,10 @@ async function follow(id, first, options) {
           continue; // not ours (a proxy's comment in data?): skip rather than fail the stream
         }
         if (event.id) result.lastEventId = event.id;
+        if (!id && typeof payload.id === "string" && payload.id.startsWith("chatcmpl-")) {
+          id = result.id = payload.id.slice("chatcmpl-".length); // the header was not readable (CORS)
+          options.onGeneration?.(id, { watchToken: null });
+        }
         gotEvent = true;
         failures = 0;
         if (payload.error) {
@@ -344,8 +352,7 @@ async function follow(id, first, options) {
     if (!id) throw new FanlineError("the connection dropped before the generation id was known");
     status("reconnecting");
     // The first retry after a working stream is immediate; then back off, with jitter.
-    const base = serverRetry ?? 500;
-    const delay = failures <= 1 ? 0 : Math.min(MAX_BACKOFF_MS, base * 2 ** (failures - 2)) * (0.5 + Math.random() / 2);
+    const delay = failures <= 1 ? 0 : Math.min(MAX_BACKOFF_MS, 500 * 2 ** (failures - 2)) * (0.5 + Math.random() / 2);
     await waitOnline(delay, signal);
   }
 }
@@ -355,7 +362,7 @@ async function follow(id, first, options) {
  *
  * body: an OpenAI Chat Completions request (`stream: true` is set for you).
  * options: { onDelta(delta, {id, chunk, result}), onChunk, onStatus(status, result),
- *            onGeneration(id), signal, baseUrl, apiKey, headers, fetch }
+ *            onGeneration(id, {watchToken}), signal, baseUrl, apiKey, headers, fetch }
  * status is "connecting" | "live" | "reconnecting" | "done".
  * Aborting `signal` stops reading; it does not stop the generation (see cancel()).
  */
@@ -370,8 +377,11 @@ export async function chat(body, options = {}) {
   });
   if (!response.ok) throw await errorFrom(response);
   const id = response.headers.get("x-fanline-generation-id");
-  if (id) options.onGeneration?.(id);
-  return follow(id, response, { ...options, lastEventId: null });
+  // With auth on: read access to this one generation, for sharing (watch(id, { apiKey: watchToken })).
+  const watchToken = response.headers.get("x-fanline-watch-token");
+  if (id) options.onGeneration?.(id, { watchToken });
+  const result = await follow(id, response, { ...options, lastEventId: null });
+  return Object.assign(result, { watchToken });
 }
 
 /**
@@ -379,7 +389,7 @@ export async function chat(body, options = {}) {
  * Same options and result as chat().
  */
 export function watch(id, options = {}) {
-  options.onGeneration?.(id);
+  options.onGeneration?.(id, { watchToken: null });
   return follow(id, null, options);
 }
 
@@ -414,10 +424,14 @@ export async function getGeneration(id, options = {}) {
  *   session.subscribe(() => render(session.getSnapshot()));
  *   await session.send("hello");
  *
- * The snapshot is { messages, status, error, generationId, lastEventId }: each
- * message is { role, content } and assistant messages also have { id, reasoning,
- * finishReason }. status: "idle" | "connecting" | "live" | "reconnecting" |
- * "done" | "error". A new snapshot object is made on every change.
+ * The snapshot is { messages, status, error, generationId, lastEventId, watchToken }:
+ * each message is { role, content } and assistant messages also have { id,
+ * reasoning, finishReason }; status is "idle" | "connecting" | "live" |
+ * "reconnecting" | "done" | "error"; watchToken (auth on) grants read access to
+ * generationId, for sharing. A new snapshot object is made on every change.
+ *
+ * To restore a session (after a reload), pass the saved { messages,
+ * generationId, lastEventId, watchToken } as options and call resume().
  */
 export class ChatSession {
   constructor(options = {}) {
@@ -425,12 +439,15 @@ export class ChatSession {
     this.listeners = new Set();
     this.controller = null;
     this.detached = false;
+    // What the current stream continues: a resumed stream brings only what follows its last event id.
+    this.base = { content: "", reasoning: "" };
     this.snapshot = {
       messages: options.messages ? [...options.messages] : [],
       status: "idle",
       error: null,
-      generationId: null,
-      lastEventId: null,
+      generationId: options.generationId ?? null, // restoring: the generation to resume()
+      lastEventId: options.lastEventId ?? null,
+      watchToken: options.watchToken ?? null, // with auth on: read access to generationId (share it)
     };
     // Bound, so they can be handed around (React, event handlers).
     this.subscribe = this.subscribe.bind(this);
@@ -466,30 +483,27 @@ export class ChatSession {
     const message = {
       role: "assistant",
       id: result.id,
-      content: result.content,
-      reasoning: result.reasoning,
+      content: this.base.content + result.content,
+      reasoning: this.base.reasoning + result.reasoning,
       finishReason: result.finishReason,
     };
     if (last && last.role === "assistant" && (last.id === result.id || last.id == null)) {
-      messages[messages.length - 1] = { ...last, ...message, content: last.base + message.content, reasoning: last.baseReasoning + message.reasoning };
-      // keep what was received before a resume (base) in front of what the resume brings
-      messages[messages.length - 1].base = last.base;
-      messages[messages.length - 1].baseReasoning = last.baseReasoning;
+      messages[messages.length - 1] = message;
     } else {
-      messages.push({ ...message, base: "", baseReasoning: "" });
+      messages.push(message);
     }
     this.#set({ messages, generationId: result.id, lastEventId: result.lastEventId });
   }
 
   async #run(start) {
-    if (this.controller) throw new FanlineError("a generation is already streaming in this session");
     const controller = new AbortController();
     this.controller = controller;
     this.detached = false;
     const options = {
       ...this.options,
       signal: controller.signal,
-      onGeneration: (id) => this.#set({ generationId: id }),
+      onGeneration: (id, { watchToken }) =>
+        this.#set(watchToken ? { generationId: id, watchToken } : { generationId: id }),
       onStatus: (status) => {
         if (this.controller === controller) this.#set({ status });
       },
@@ -523,11 +537,19 @@ export class ChatSession {
 
   /** Sends a user message (a string) with the conversation so far; streams the answer. */
   send(text, extraBody = {}) {
+    if (this.controller) return Promise.reject(new FanlineError("a generation is already streaming in this session"));
     const history = this.snapshot.messages
       .filter((m) => m.role !== "assistant" || m.content)
       .map((m) => ({ role: m.role, content: m.content }));
     const user = { role: "user", content: text };
-    this.#set({ messages: [...this.snapshot.messages, user], error: null, lastEventId: null, generationId: null });
+    this.base = { content: "", reasoning: "" };
+    this.#set({
+      messages: [...this.snapshot.messages, user],
+      error: null,
+      lastEventId: null,
+      generationId: null,
+      watchToken: null,
+    });
     const body = { model: "demo", ...(this.options.body || {}), ...extraBody, messages: [...history, user] };
     return this.#run((options) => chat(body, options));
   }
@@ -535,22 +557,30 @@ export class ChatSession {
   /**
    * Follows a generation: by default this session's own (after an error or a
    * detach), from its last event id; or any generation by id (a shared link),
-   * from `lastEventId` or from the start.
+   * from `lastEventId` or from the start, with its `watchToken` when auth is on.
+   * A restored session (messages given to the constructor, e.g. from
+   * sessionStorage after a reload) resumes its last assistant message.
    */
-  resume(generationId = this.snapshot.generationId, lastEventId) {
+  resume(generationId = this.snapshot.generationId, lastEventId, { watchToken } = {}) {
     if (!generationId) return Promise.resolve(null);
+    if (this.controller) return Promise.reject(new FanlineError("a generation is already streaming in this session"));
     const own = generationId === this.snapshot.generationId;
     const from = lastEventId !== undefined ? lastEventId : own ? this.snapshot.lastEventId : null;
     const last = this.#lastAssistant();
     const messages = [...this.snapshot.messages];
-    if (last && last.id === generationId) {
-      // Keep what we have; the resumed stream brings only what follows it.
-      messages[messages.length - 1] = { ...last, base: last.content, baseReasoning: last.reasoning || "" };
+    if (last && last.id === generationId && from) {
+      this.base = { content: last.content, reasoning: last.reasoning || "" };
     } else {
-      messages.push({ role: "assistant", id: generationId, content: "", reasoning: "", finishReason: null, base: "", baseReasoning: "" });
+      this.base = { content: "", reasoning: "" };
+      const message = { role: "assistant", id: generationId, content: "", reasoning: "", finishReason: null };
+      if (last && last.id === generationId) messages[messages.length - 1] = message;
+      else messages.push(message);
     }
-    this.#set({ messages, generationId, lastEventId: from, error: null });
-    return this.#run((options) => watch(generationId, { ...options, lastEventId: from }));
+    const token = watchToken ?? (own ? this.snapshot.watchToken : null);
+    this.#set({ messages, generationId, lastEventId: from, error: null, watchToken: token });
+    // Without an API key of its own, a viewer reads with the generation's watch token.
+    const auth = token && !this.options.apiKey ? { apiKey: token } : {};
+    return this.#run((options) => watch(generationId, { ...options, ...auth, lastEventId: from }));
   }
 
   /** Cancels the streaming generation for every viewer (it ends with finish_reason "cancelled"). */

@@ -74,14 +74,15 @@ class EventStreamResponse(Response):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         transport = self.transport
-        # A viewer whose socket accepts nothing for this long is cut off (it can resume);
-        # until then, flow control holds it in this await, and it holds no one else.
-        send_timeout = self.hub.settings.slow_viewer_timeout_s
-        delivered = metrics.EVENTS_DELIVERED.labels(transport.name)
-        viewers = metrics.VIEWERS.labels(transport.name)
+        name = transport.name
+        viewers = metrics.VIEWERS.labels(name)
         if self.cursor:
-            metrics.RESUMES.labels(transport.name).inc()
+            metrics.RESUMES.labels(name).inc()
         gone: asyncio.Task[Any] = asyncio.ensure_future(wait_disconnect(receive))
+        # A viewer whose socket accepts nothing for slow_viewer_timeout_s is cut off (it
+        # can resume); until then flow control holds it in `await send`, and no one else.
+        watch = self.hub.sends.watch()
+        loop = asyncio.get_running_loop()
         cursor = self.cursor
         viewers.inc()
         try:
@@ -95,11 +96,12 @@ class EventStreamResponse(Response):
                     body = transport.frame(batch[0])
                 else:
                     body = b"".join([transport.frame(e) for e in batch])
-                async with asyncio.timeout(send_timeout):
-                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                watch.sending = loop.time()
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                watch.sending = 0.0
                 if batch:
                     cursor = batch[-1].seq
-                    delivered.inc(len(batch))
+                    metrics.DELIVERED[name] += len(batch)
                     if self.started_at is not None:
                         metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - self.started_at)
                         self.started_at = None
@@ -108,12 +110,18 @@ class EventStreamResponse(Response):
         except (Draining, RedisError):  # RedisError: history could not be read; resume later
             metrics.DRAIN_HINTS.inc()
             await send({"type": "http.response.body", "body": transport.reconnect(cursor), "more_body": True})
-        except TimeoutError:
-            # The connection is closed without completing the response; the client resumes.
+        except asyncio.CancelledError:
+            if not watch.cut_off:
+                raise
+            # Cut off by the send watch: close without completing the response; the client resumes.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
             metrics.SLOW_VIEWER_CUTOFFS.inc()
-            log.info("viewer of %s accepted nothing for %.0f s; cut off", self.gen_id, send_timeout)
+            log.info("viewer of %s accepted nothing for %.0f s; cut off", self.gen_id, self.hub.sends.timeout)
             return
         finally:
+            self.hub.sends.entries.discard(watch)
             viewers.dec()
             gone.cancel()
         await send({"type": "http.response.body", "body": b"", "more_body": False})

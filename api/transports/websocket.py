@@ -29,7 +29,6 @@ async def serve(
     cancel: Callable[[], Awaitable[None]],
 ) -> None:
     gone: asyncio.Task[Any] = asyncio.ensure_future(_receive_loop(websocket, cancel))
-    delivered = metrics.EVENTS_DELIVERED.labels("websocket")
     viewers = metrics.VIEWERS.labels("websocket")
     if cursor:
         metrics.RESUMES.labels("websocket").inc()
@@ -40,7 +39,7 @@ async def serve(
                 continue  # uvicorn's WebSocket pings keep the connection alive
             for event in batch:
                 await websocket.send_text(event.ws)
-            delivered.inc(len(batch))
+            metrics.DELIVERED["websocket"] += len(batch)
             if batch[-1].is_end:
                 await websocket.close(1000)
                 return
