@@ -13,9 +13,9 @@ simply has an older cursor; once that falls out of the ring it reads Redis
 history with XRANGE until it catches up. The reader never waits for a viewer.
 
 New topics: the reader is blocked in XREAD on the old key set when a viewer of a
-new generation arrives, so adding a topic cancels that read (redis-py drops the
-connection on cancel) and the loop reads again with the new set. No event can be
-lost by that: a topic's position only advances when events are appended.
+new generation arrives, so adding a topic ends that read at once (CLIENT UNBLOCK,
+see _Reader) and the loop reads again with the new set. No event can be lost by
+that: a topic's position only advances when events are appended.
 """
 
 from __future__ import annotations
@@ -339,51 +339,97 @@ class Hub:
 
 
 class _Reader:
-    """The blocking XREAD loop over the live topics of one group (see module docstring)."""
+    """The blocking XREAD loop over the live topics of one group (see module docstring).
+
+    When a topic is added while a read is blocked, the read must end now rather than
+    after the block time. On a single Redis the reader has a connection of its own
+    and ends the read with CLIENT UNBLOCK (it returns at once, as if it had timed
+    out) — the connection stays, where cancelling the read would drop it and the
+    reconnect would cost round trips to every new generation in a burst. On a
+    cluster, where the reading connection is the client's choice, it cancels.
+    """
 
     def __init__(self, hub: Hub, group: str) -> None:
         self.hub = hub
         self.group = group
         self.task: asyncio.Task[None] | None = None
         self._read: asyncio.Future[Any] | None = None
+        self._version = 0  # bumped whenever the key set changes
+        self._read_version = -1  # the key set of the read in flight
+        self._client: aioredis.Redis | None = None
+        self._client_id: int | None = None
+        self._unblocking: asyncio.Task[None] | None = None
 
     def interrupt(self) -> None:
         """Re-read with the new key set now, rather than after the block time."""
+        self._version += 1
+        if self._read is None or self._read.done():
+            return  # not reading: the next read takes the new key set
+        if self._client is None or self._client_id is None:
+            self._read.cancel()
+        elif self._unblocking is None or self._unblocking.done():
+            self._unblocking = asyncio.create_task(self._unblock())
+
+    async def _unblock(self) -> None:
+        for _ in range(40):
+            read = self._read
+            if read is None or read.done() or self._read_version == self._version:
+                return
+            try:
+                if await self.hub._redis.client_unblock(self._client_id):  # type: ignore[arg-type]
+                    return
+            except RedisError:
+                break
+            await asyncio.sleep(0.0005)  # the read has not reached Redis yet: once more
         if self._read is not None and not self._read.done():
             self._read.cancel()
 
     async def run(self) -> None:
         hub = self.hub
+        if not hub.settings.redis_cluster:
+            self._client = aioredis.Redis(connection_pool=hub._redis.connection_pool, single_connection_client=True)
+        client = self._client or hub._redis
         backoff = 0.05
-        while True:
-            live = hub._live(self.group)
-            if not live:
-                del hub._readers[self.group]  # the next new topic starts a new reader
-                return
-            streams: dict[Any, Any] = {t.key: event_id(t.last_seq) for t in live}
-            self._read = asyncio.ensure_future(
-                hub._redis.xread(streams, count=_READ_COUNT, block=hub.settings.hub_block_ms)
-            )
-            try:
-                response = await self._read
-            except asyncio.CancelledError:
-                current = asyncio.current_task()
-                if current is not None and current.cancelling():
-                    raise  # the hub is stopping
-                continue  # a new topic interrupted the read
-            except RedisError as exc:
-                hub.healthy = False
-                metrics.REDIS_ERRORS.labels("hub").inc()
-                log.warning("hub reader: %s; retrying in %.2f s", exc, backoff)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            finally:
-                self._read = None
-            hub.healthy = True
-            backoff = 0.05
-            metrics.HUB_READS.inc()
-            for key, entries in response or ():
-                topic = hub._by_key.get(key)
-                if topic is not None:
-                    topic.append(Event.from_entry(entry_id, fields) for entry_id, fields in entries)
+        try:
+            while True:
+                live = hub._live(self.group)
+                if not live:
+                    del hub._readers[self.group]  # the next new topic starts a new reader
+                    return
+                streams: dict[Any, Any] = {t.key: event_id(t.last_seq) for t in live}
+                try:
+                    if self._client is not None and self._client_id is None:
+                        self._client_id = await self._client.client_id()
+                    self._read_version = self._version
+                    self._read = asyncio.ensure_future(
+                        client.xread(streams, count=_READ_COUNT, block=hub.settings.hub_block_ms)
+                    )
+                    response = await self._read
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # the hub is stopping
+                    self._client_id = None  # the cancelled read dropped its connection
+                    continue  # a new topic interrupted the read
+                except RedisError as exc:
+                    self._client_id = None  # a new connection will have a new id
+                    hub.healthy = False
+                    metrics.REDIS_ERRORS.labels("hub").inc()
+                    log.warning("hub reader: %s; retrying in %.2f s", exc, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
+                    continue
+                finally:
+                    self._read = None
+                hub.healthy = True
+                backoff = 0.05
+                metrics.HUB_READS.inc()
+                for key, entries in response or ():
+                    topic = hub._by_key.get(key)
+                    if topic is not None:
+                        topic.append(Event.from_entry(entry_id, fields) for entry_id, fields in entries)
+        finally:
+            if self._unblocking is not None:
+                self._unblocking.cancel()
+            if self._client is not None:
+                await self._client.aclose()

@@ -17,7 +17,7 @@ VIEWERS = Gauge("fanline_viewers", "Viewers connected to this pod", ["transport"
 
 # Events written to viewers, by transport: plain ints on the hot path (a prometheus
 # Counter takes a lock per increment), turned into a counter at scrape time.
-DELIVERED: dict[str, int] = {"sse": 0, "ndjson": 0, "websocket": 0}
+DELIVERED: dict[str, int] = {"sse": 0, "ndjson": 0, "websocket": 0, "ai_sdk": 0}
 
 
 class _DeliveredCollector(Collector):

@@ -1,5 +1,5 @@
 """The browser side: the demo page at ``/``, the JS client under ``/static/``, and the
-Vercel AI SDK endpoints (see docs/browser.md).
+Vercel AI SDK endpoints (see the README, "In the browser").
 
     GET  /                                   the demo page (no build step)
     GET  /static/fanline.js                  the JS client (ES module, no dependencies)
@@ -80,9 +80,6 @@ _CHAT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _PASSTHROUGH = frozenset(ChatCompletionRequest.model_fields) - {"messages", "stream", "n"}
 
 
-def chat_key(chat_id: str) -> str:
-    """The generation id of a chat's latest answer (the "active stream" of the AI SDK docs)."""
-    return f"{keys.PREFIX}:ai-sdk:chat:{{{chat_id}}}"
 
 
 def _chat_id(value: Any) -> str:
@@ -143,7 +140,7 @@ def _stream(request: Request, gen_id: str) -> transports.EventStreamResponse:
 
 
 async def _latest(request: Request, chat_id: str) -> str | None:
-    gen_id = await request.app.state.redis.get(chat_key(_chat_id(chat_id)))
+    gen_id = await request.app.state.redis.get(keys.ai_sdk_chat_key(_chat_id(chat_id)))
     return gen_id.decode() if gen_id else None
 
 
@@ -165,7 +162,7 @@ async def ai_sdk_chat(request: Request) -> transports.EventStreamResponse:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     chat_id, completion = _completion_request(body, settings)
     gen_id = await generations.create(completion, owner)
-    await request.app.state.redis.set(chat_key(chat_id), gen_id, ex=keys.UNFINISHED_TTL_S)
+    await request.app.state.redis.set(keys.ai_sdk_chat_key(chat_id), gen_id, ex=keys.UNFINISHED_TTL_S)
     return _stream(request, gen_id)
 
 

@@ -45,6 +45,11 @@ def generation_keys(gen_id: str) -> tuple[str, str, str]:
     return events_key(gen_id), meta_key(gen_id), content_key(gen_id)
 
 
+def ai_sdk_chat_key(chat_id: str) -> str:
+    """The generation id of an AI SDK chat's latest answer (for its resume endpoint)."""
+    return f"{PREFIX}:ai-sdk:chat:{{{chat_id}}}"
+
+
 # Generations being run, scored by their worker's last heartbeat (unix seconds):
 # what the reaper (shared/reaper.py) scans for dead workers.
 RUNNING = f"{PREFIX}:running"

@@ -55,7 +55,7 @@ def _data(chunk: dict[str, Any]) -> bytes:
 class UIMessageStream:
     """One response's encoder: which part is open, and how many parts so far."""
 
-    name = "sse"  # the metrics label: it is an SSE stream (api/metrics.py counts sse, ndjson, websocket)
+    name = "ai_sdk"  # the metrics label
     media_type = b"text/event-stream; charset=utf-8"
     # No event ids in this stream, so a blank line after the comment is harmless.
     heartbeat = b": ping\n\n"

@@ -102,11 +102,14 @@ class StalledViewer:
                 return bytes(body)
 
 
-async def test_a_stalled_viewer_does_not_slow_the_others_and_loses_nothing(fast_stack: Stack) -> None:
-    async with httpx.AsyncClient(base_url=fast_stack.url, timeout=60) as client:
-        # A long model name (it is echoed in every chunk) makes each event ~700 bytes: the stream is ~1-2 MB.
-        gen_id = await create(client, max_tokens=30000, model="demo-" + "x" * 250)
-        stalled = StalledViewer(fast_stack.url, f"/v1/generations/{gen_id}/events")
+async def test_a_stalled_viewer_does_not_slow_the_others_and_loses_nothing(stack_factory: StackFactory) -> None:
+    # Paced at 2,000 tokens/s, the worker writes about one token an event (with no pace it coalesces
+    # tokens, and how many varies); with a long model name (echoed in every chunk) each event is ~700
+    # bytes, so the stream is ~3.5 MB, well over what the socket buffers hold.
+    paced = stack_factory(demo_tokens_per_s="2000")
+    async with httpx.AsyncClient(base_url=paced.url, timeout=60) as client:
+        gen_id = await create(client, max_tokens=5000, model="demo-" + "x" * 250)
+        stalled = StalledViewer(paced.url, f"/v1/generations/{gen_id}/events")
         try:
             viewers = await asyncio.gather(
                 *(read_sse(client, "GET", f"/v1/generations/{gen_id}/events") for _ in range(20))
