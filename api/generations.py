@@ -72,6 +72,33 @@ def check_size(received: int, settings: Settings) -> None:
         raise PayloadTooLarge(f"request body is larger than {settings.max_body_bytes} bytes")
 
 
+async def write_queued(redis: aioredis.Redis, gen_id: str, request: ChatCompletionRequest, owner: str = "") -> None:
+    """The metadata of a generation that waits for its worker."""
+    now = int(time.time())
+    meta_key = keys.meta_key(gen_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hset(
+            meta_key,
+            mapping={
+                Meta.STATUS: "queued",
+                Meta.MODEL: request.model,
+                Meta.CREATED: now,
+                Meta.REQUEST: request.model_dump_json(exclude_none=True),
+                Meta.VIEWED_AT: now,
+                Meta.OWNER: owner,
+            },
+        )
+        pipe.expire(meta_key, keys.UNFINISHED_TTL_S)
+        await pipe.execute()
+
+
+async def enqueue(queue: ArqRedis, gen_ids: list[str], queue_name: str) -> None:
+    """The generations' jobs, then one wake-up for the workers (see worker/main.py)."""
+    for gen_id in gen_ids:
+        await queue.enqueue_job(keys.GENERATE_JOB, gen_id, _job_id=gen_id, _queue_name=queue_name)
+    await queue.publish(keys.WAKE_CHANNEL, b"1")
+
+
 class Generations:
     def __init__(self, redis: aioredis.Redis, queue: ArqRedis, settings: Settings) -> None:
         self._redis = redis
@@ -81,24 +108,8 @@ class Generations:
     async def create(self, request: ChatCompletionRequest, owner: str = "") -> str:
         gen_id = new_generation_id()
         gen_id_var.set(gen_id)
-        now = int(time.time())
-        meta_key = keys.meta_key(gen_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hset(
-                meta_key,
-                mapping={
-                    Meta.STATUS: "queued",
-                    Meta.MODEL: request.model,
-                    Meta.CREATED: now,
-                    Meta.REQUEST: request.model_dump_json(exclude_none=True),
-                    Meta.VIEWED_AT: now,
-                    Meta.OWNER: owner,
-                },
-            )
-            pipe.expire(meta_key, keys.UNFINISHED_TTL_S)
-            await pipe.execute()
-        await self._queue.enqueue_job(keys.GENERATE_JOB, gen_id, _job_id=gen_id, _queue_name=self._settings.queue_name)
-        await self._queue.publish(keys.WAKE_CHANNEL, b"1")
+        await write_queued(self._redis, gen_id, request, owner)
+        await enqueue(self._queue, [gen_id], self._settings.queue_name)
         metrics.GENERATIONS_CREATED.inc()
         return gen_id
 

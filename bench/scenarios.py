@@ -32,13 +32,12 @@ from typing import IO, Any
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 
+from api.generations import enqueue, write_queued
 from bench import stats
 from bench.profile import Profiler, summarise
 from bench.stack import CLIENT_NAMES, REPO, Proc, Stack, cpu_seconds
 from cli.valkey import die_with_parent
-from shared import keys
 from shared.ids import new_generation_id
-from shared.keys import Meta
 from shared.requests import ChatCompletionRequest
 
 # One process holds at most ~19,900 sockets (open-files cap 20,000); keep a margin.
@@ -105,31 +104,17 @@ async def create_generation(bench: Bench, tokens: int, prompt: str) -> str:
     request = ChatCompletionRequest.model_validate(
         {"model": "demo", "stream": True, "max_tokens": tokens, "messages": [{"role": "user", "content": prompt}]}
     )
-    now = int(time.time())
-    meta_key = keys.meta_key(gen_id)
-    async with bench.redis.pipeline(transaction=True) as pipe:
-        pipe.hset(
-            meta_key,
-            mapping={
-                Meta.STATUS: "queued",
-                Meta.MODEL: request.model,
-                Meta.CREATED: now,
-                Meta.REQUEST: request.model_dump_json(exclude_none=True),
-                Meta.VIEWED_AT: now,
-            },
-        )
-        pipe.expire(meta_key, keys.UNFINISHED_TTL_S)
-        await pipe.execute()
+    await write_queued(bench.redis, gen_id, request)
     return gen_id
 
 
 async def start(bench: Bench, gens: list[tuple[str, float]]) -> None:
     """Enqueue each generation's job on the worker of its pace, and wake the workers."""
+    by_queue: dict[str, list[str]] = {}
     for gen_id, pace in gens:
-        await bench.queue.enqueue_job(
-            keys.GENERATE_JOB, gen_id, _job_id=gen_id, _queue_name=bench.stack.queue_for(pace)
-        )
-    await bench.queue.publish(keys.WAKE_CHANNEL, b"1")
+        by_queue.setdefault(bench.stack.queue_for(pace), []).append(gen_id)
+    for queue_name, gen_ids in by_queue.items():
+        await enqueue(bench.queue, gen_ids, queue_name)
 
 
 # -- load generators ----------------------------------------------------------
