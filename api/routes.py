@@ -47,7 +47,12 @@ def _generations(request: Request | WebSocket) -> Generations:
 
 
 async def _read_request(request: Request) -> ChatCompletionRequest:
-    """The body, refused with 413 as soon as it passes the limit (never buffered whole first)."""
+    return parse_request(await read_body(request), request.app.state.settings)
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it passes the limit (never buffered whole first),
+    and with 408 if it does not arrive in time."""
     settings: Settings = request.app.state.settings
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit():
@@ -60,7 +65,7 @@ async def _read_request(request: Request) -> ChatCompletionRequest:
                 check_size(len(body), settings)
     except TimeoutError:
         raise RequestTimeout(f"the request body did not arrive within {settings.body_timeout_s:.0f} s") from None
-    return parse_request(bytes(body), settings)
+    return bytes(body)
 
 
 def _cursor(generation: Generation, last_event_id: str | None) -> int:

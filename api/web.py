@@ -24,9 +24,9 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 
 from api import transports
 from api.auth import Auth
-from api.generations import Generations, check_size, parse_request
+from api.generations import Generations, parse_request
 from api.hub import Hub
-from api.routes import GEN_HEADER, WATCH_TOKEN_HEADER
+from api.routes import GEN_HEADER, WATCH_TOKEN_HEADER, read_body
 from api.transports import ai_sdk
 from shared import keys
 from shared.errors import Conflict, InvalidRequest, NotFound
@@ -78,8 +78,6 @@ async def static(name: str) -> FileResponse:
 _CHAT_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 # Request fields passed through to the generation (the AI SDK's `body` option).
 _PASSTHROUGH = frozenset(ChatCompletionRequest.model_fields) - {"messages", "stream", "n"}
-
-
 
 
 def _chat_id(value: Any) -> str:
@@ -139,8 +137,8 @@ def _stream(request: Request, gen_id: str) -> transports.EventStreamResponse:
     return transports.EventStreamResponse(hub, gen_id, 0, ai_sdk.UIMessageStream(gen_id), headers)
 
 
-async def _latest(request: Request, chat_id: str) -> str | None:
-    gen_id = await request.app.state.redis.get(keys.ai_sdk_chat_key(_chat_id(chat_id)))
+async def _latest(request: Request, owner: str, chat_id: str) -> str | None:
+    gen_id = await request.app.state.redis.get(keys.ai_sdk_chat_key(owner, _chat_id(chat_id)))
     return gen_id.decode() if gen_id else None
 
 
@@ -149,20 +147,14 @@ async def ai_sdk_chat(request: Request) -> transports.EventStreamResponse:
     settings: Settings = request.app.state.settings
     generations: Generations = request.app.state.generations
     owner = _auth(request).require_key(request)
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit():
-        check_size(int(declared), settings)
-    raw = bytearray()
-    async for part in request.stream():
-        raw += part
-        check_size(len(raw), settings)
+    raw = await read_body(request)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     chat_id, completion = _completion_request(body, settings)
     gen_id = await generations.create(completion, owner)
-    await request.app.state.redis.set(keys.ai_sdk_chat_key(chat_id), gen_id, ex=keys.UNFINISHED_TTL_S)
+    await request.app.state.redis.set(keys.ai_sdk_chat_key(owner, chat_id), gen_id, ex=keys.UNFINISHED_TTL_S)
     return _stream(request, gen_id)
 
 
@@ -174,8 +166,8 @@ async def ai_sdk_resume(request: Request, chat_id: str) -> Response | transports
     is retained): a client that lost its connection just before the end must still
     get the end. The message id is stable, so the replay replaces the message.
     """
-    _auth(request).require_key(request)
-    gen_id = await _latest(request, chat_id)
+    owner = _auth(request).require_key(request)
+    gen_id = await _latest(request, owner, chat_id)
     if gen_id is None:
         return Response(status_code=204)
     generations: Generations = request.app.state.generations
@@ -190,7 +182,7 @@ async def ai_sdk_resume(request: Request, chat_id: str) -> Response | transports
 async def ai_sdk_stop(request: Request, chat_id: str) -> JSONResponse:
     """Cancels the chat's latest answer; its stream ends with finishReason "other" (fanline: "cancelled")."""
     owner = _auth(request).require_key(request)
-    gen_id = await _latest(request, chat_id)
+    gen_id = await _latest(request, owner, chat_id)
     if gen_id is None:
         raise NotFound(f"chat {chat_id} has no generation", code="chat_not_found")
     generations: Generations = request.app.state.generations

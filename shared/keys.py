@@ -45,9 +45,13 @@ def generation_keys(gen_id: str) -> tuple[str, str, str]:
     return events_key(gen_id), meta_key(gen_id), content_key(gen_id)
 
 
-def ai_sdk_chat_key(chat_id: str) -> str:
-    """The generation id of an AI SDK chat's latest answer (for its resume endpoint)."""
-    return f"{PREFIX}:ai-sdk:chat:{{{chat_id}}}"
+def ai_sdk_chat_key(owner: str, chat_id: str) -> str:
+    """The generation id of an AI SDK chat's latest answer (for its resume endpoint).
+
+    Chat ids are chosen by clients, so the key includes the API key's owner name:
+    one key's holder cannot reach another's chat by guessing its id.
+    """
+    return f"{PREFIX}:ai-sdk:{{{owner}:{chat_id}}}:latest"
 
 
 # Generations being run, scored by their worker's last heartbeat (unix seconds):
