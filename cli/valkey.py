@@ -134,6 +134,7 @@ class EmbeddedCluster:
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-port", str(self.bus_ports[-1]),
                 "--cluster-node-timeout", "2000",
+                "--repl-diskless-sync-delay", "0",
             ]  # fmt: skip
             self.nodes.append(EmbeddedValkey(self.data_dir / f"node{i}", persistent=False, extra_args=args))
         self.masters = masters
@@ -173,6 +174,12 @@ class EmbeddedCluster:
                 if time.monotonic() > deadline:
                     raise RuntimeError("the cluster did not reach cluster_state:ok")
                 time.sleep(0.05)
+            # Replicas in sync, so a master can fail over as soon as start() returns.
+            for replica in clients[self.masters :]:
+                while replica.info("replication").get("master_link_status") != "up":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("a replica did not sync with its master")
+                    time.sleep(0.05)
         finally:
             for client in clients:
                 client.close()
