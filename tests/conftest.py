@@ -88,6 +88,12 @@ def fast_stack(stack_factory: StackFactory) -> Stack:
 
 
 @pytest.fixture
+def slow_heartbeat_stack(stack_factory: StackFactory) -> Stack:
+    """One API pod that pings every 0.2 s, and a demo writing 2 tokens/s."""
+    return stack_factory(apis=1, heartbeat_s="0.2", demo_tokens_per_s="2")
+
+
+@pytest.fixture
 async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=stack.url, timeout=30.0) as c:
         yield c

@@ -3,54 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from typing import Any
 
 import httpx
-import orjson
-from httpx_sse import aconnect_sse
 
-from tests.support import Received, Stack, chat_body, generation, read_sse
-
-TERMINAL = ("completed", "failed", "cancelled")
-
-
-async def settled(client: httpx.AsyncClient, gen_id: str) -> dict[str, Any]:
-    """The generation once its status is terminal.
-
-    The worker writes the status one round trip after the end event, and nothing
-    announces that write, so this polls (with a bound). The race itself is pinned by
-    tests/api/test_transports.py::test_status_is_final_when_the_stream_ends.
-    """
-    deadline = time.monotonic() + 10
-    while True:
-        info = await generation(client, gen_id)
-        if info["status"] in TERMINAL or time.monotonic() > deadline:
-            return info
-        await asyncio.sleep(0.02)
-
-
-async def watch(base_url: str, gen_id: str, streaming: asyncio.Event) -> Received:
-    """One SSE viewer from the start to [DONE]; sets ``streaming`` once content has arrived."""
-    received = Received(gen_id=gen_id)
-    async with (
-        httpx.AsyncClient(base_url=base_url, timeout=30) as client,
-        aconnect_sse(client, "GET", f"/v1/generations/{gen_id}/events") as source,
-    ):
-        assert source.response.status_code == 200
-        async for sse in source.aiter_sse():
-            received.ids.append(sse.id)
-            if sse.data == "[DONE]":
-                received.done = True
-                break
-            payload = orjson.loads(sse.data)
-            if "error" in payload:
-                received.errors.append(payload["error"])
-            else:
-                received.chunks.append(payload)
-            if received.text:
-                streaming.set()
-    return received
+from tests.support import Stack, chat_body, generation, read_sse, settled, watch_at
 
 
 async def test_cancel_ends_every_viewer_on_every_pod(stack: Stack) -> None:
@@ -60,7 +16,7 @@ async def test_cancel_ends_every_viewer_on_every_pod(stack: Stack) -> None:
         gen_id = created.json()["id"]
         streaming = [asyncio.Event() for _ in stack.api_urls]
         viewers = [
-            asyncio.ensure_future(watch(url, gen_id, started))
+            asyncio.ensure_future(watch_at(url, gen_id, started))
             for url, started in zip(stack.api_urls, streaming, strict=True)
         ]
         await asyncio.wait_for(asyncio.gather(*(started.wait() for started in streaming)), 20)

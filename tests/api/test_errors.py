@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import StackFactory
-from tests.support import Stack, chat_body, read_sse
+from tests.support import Stack, assert_error, chat_body, read_sse
 
 _MISSING = object()
 
@@ -29,16 +29,6 @@ def body(**changes: Any) -> bytes:
         else:
             request[name] = value
     return orjson.dumps(request)
-
-
-def assert_error(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error: dict[str, Any] = response.json()["error"]
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    assert isinstance(error["code"], str) and error["code"]
-    return error
 
 
 async def assert_serving(client: httpx.AsyncClient) -> None:

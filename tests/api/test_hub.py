@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
-from typing import Any
 
 import h11
 import httpx
@@ -18,40 +17,8 @@ from httpx_sse import aconnect_sse
 from cli.valkey import EmbeddedValkey, free_port
 from shared import keys
 from tests.conftest import StackFactory
-from tests.support import Received, Stack, chat_body, generation, read_sse
+from tests.support import Received, Stack, create, generation, parse_sse, read_sse, wait_finished
 from worker.generators.demo import demo_tokens
-
-
-def parse_sse(body: bytes) -> list[tuple[str, bytes]]:
-    """(id, data) of each event in an SSE body, by the SSE rules (comments and retry lines skipped)."""
-    frames: list[tuple[str, bytes]] = []
-    event_id, data = "", b""
-    for line in body.split(b"\n"):
-        if not line:
-            if data:
-                frames.append((event_id, data))
-            event_id, data = "", b""
-        elif line.startswith(b"id: "):
-            event_id = line[4:].decode()
-        elif line.startswith(b"data: "):
-            data = line[6:]
-    return frames
-
-
-async def create(client: httpx.AsyncClient, **body: Any) -> str:
-    response = await client.post("/v1/generations", json=chat_body(stream=False, **body))
-    assert response.status_code == 201, response.text
-    gen_id: str = response.json()["id"]
-    return gen_id
-
-
-async def wait_finished(client: httpx.AsyncClient, gen_id: str) -> dict[str, Any]:
-    for _ in range(600):
-        info = await generation(client, gen_id)
-        if info["status"] in ("completed", "failed", "cancelled"):
-            return info
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"generation {gen_id} did not finish")
 
 
 class StalledViewer:
@@ -236,7 +203,7 @@ async def test_history_trimmed_from_redis_is_an_explicit_error_never_skipped_tex
     prompt = "trim me"
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
         gen_id = await create(client, prompt=prompt, max_tokens=1500)
-        info = await wait_finished(client, gen_id)
+        info = await wait_finished(client, gen_id, polls=600)
         server = aioredis.Redis.from_url(redis_url)
         try:
             length = await server.xlen(keys.events_key(gen_id))

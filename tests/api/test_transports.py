@@ -3,81 +3,32 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
 from shared import events, keys
-from tests.conftest import StackFactory
-from tests.support import Stack, chat_body, generation, read_sse
-
-TERMINAL = ("completed", "failed", "cancelled")
-
-
-def order(event_id: str) -> tuple[int, ...]:
-    """Event ids are opaque but ordered like Redis stream ids (``<ms>-<seq>``)."""
-    return tuple(int(part) for part in event_id.split("-"))
-
-
-def assert_strictly_increasing(ids: list[str]) -> None:
-    assert all(order(a) < order(b) for a, b in itertools.pairwise(ids)), ids
-
-
-def text_of(chunks: list[dict[str, Any]]) -> str:
-    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
-
-
-async def create(client: httpx.AsyncClient, max_tokens: int, prompt: str = "transports") -> str:
-    response = await client.post("/v1/generations", json=chat_body(prompt, stream=False, max_tokens=max_tokens))
-    assert response.status_code == 201, response.text
-    gen_id: str = response.json()["id"]
-    return gen_id
-
-
-async def settled(client: httpx.AsyncClient, gen_id: str) -> dict[str, Any]:
-    """The generation once its status is terminal.
-
-    The worker writes the status one round trip after the end event, and nothing
-    announces that write, so this polls (with a bound). The race itself is pinned by
-    test_status_is_final_when_the_stream_ends.
-    """
-    deadline = time.monotonic() + 10
-    while True:
-        info = await generation(client, gen_id)
-        if info["status"] in TERMINAL or time.monotonic() > deadline:
-            return info
-        await asyncio.sleep(0.02)
-
+from tests.support import (
+    Stack,
+    assert_strictly_increasing,
+    chat_body,
+    create,
+    generation,
+    read_ndjson,
+    read_sse,
+    read_ws,
+    settled,
+    text_of,
+    ws_url,
+)
 
 # -- NDJSON -------------------------------------------------------------------
-
-
-async def read_ndjson(
-    client: httpx.AsyncClient, gen_id: str, *, last_event_id: str | None = None, stop_after: int | None = None
-) -> list[dict[str, Any]]:
-    headers = {"Accept": "application/x-ndjson"}
-    if last_event_id is not None:
-        headers["Last-Event-ID"] = last_event_id
-    lines: list[dict[str, Any]] = []
-    async with client.stream("GET", f"/v1/generations/{gen_id}/events", headers=headers) as response:
-        assert response.status_code == 200, (await response.aread()).decode()
-        assert response.headers["content-type"].startswith("application/x-ndjson")
-        async for line in response.aiter_lines():
-            if not line.strip():
-                continue  # a heartbeat
-            lines.append(orjson.loads(line))
-            if lines[-1].get("done") or (stop_after is not None and len(lines) >= stop_after):
-                break
-    return lines
 
 
 def check_ndjson(lines: list[dict[str, Any]]) -> None:
@@ -90,8 +41,8 @@ def check_ndjson(lines: list[dict[str, Any]]) -> None:
 
 
 async def test_ndjson_lines_are_id_chunk_and_end_with_done(client: httpx.AsyncClient) -> None:
-    gen_id = await create(client, max_tokens=40)
-    lines = await read_ndjson(client, gen_id)
+    gen_id = await create(client, prompt="transports", max_tokens=40)
+    lines = (await read_ndjson(client, gen_id)).lines
     check_ndjson(lines)
     assert_strictly_increasing([line["id"] for line in lines])
     chunks = [line["chunk"] for line in lines[:-1]]
@@ -106,10 +57,10 @@ async def test_ndjson_resume_on_the_second_pod_gives_exactly_the_rest(stack: Sta
         httpx.AsyncClient(base_url=stack.api_urls[0], timeout=30) as first,
         httpx.AsyncClient(base_url=stack.api_urls[1], timeout=30) as second,
     ):
-        gen_id = await create(first, max_tokens=80)
-        head = await read_ndjson(first, gen_id, stop_after=5)
+        gen_id = await create(first, prompt="transports", max_tokens=80)
+        head = (await read_ndjson(first, gen_id, stop_after=5)).lines
         assert len(head) == 5 and not head[-1].get("done")
-        rest = await read_ndjson(second, gen_id, last_event_id=head[-1]["id"])
+        rest = (await read_ndjson(second, gen_id, last_event_id=head[-1]["id"])).lines
         info = await generation(second, gen_id)
     lines = head + rest
     check_ndjson(lines)
@@ -118,60 +69,17 @@ async def test_ndjson_resume_on_the_second_pod_gives_exactly_the_rest(stack: Sta
     assert text_of([line["chunk"] for line in lines[:-1]]) == info["content"]
     # Nothing skipped: a full replay has exactly the ids the two reads had together.
     async with httpx.AsyncClient(base_url=stack.api_urls[1], timeout=30) as second:
-        assert [line["id"] for line in await read_ndjson(second, gen_id)] == ids
+        assert [line["id"] for line in (await read_ndjson(second, gen_id)).lines] == ids
 
 
 # -- WebSocket ------------------------------------------------------------------
 
 
-def ws_url(base_url: str, gen_id: str, last_event_id: str | None = None) -> str:
-    url = base_url.replace("http://", "ws://", 1) + f"/v1/generations/{gen_id}/ws"
-    return url if last_event_id is None else f"{url}?last_event_id={last_event_id}"
-
-
-@dataclass
-class WsRead:
-    messages: list[dict[str, Any]] = field(default_factory=list)
-    errors: list[dict[str, Any]] = field(default_factory=list)  # messages without an id
-    close_code: int | None = None
-
-    @property
-    def chunks(self) -> list[dict[str, Any]]:
-        return [m["chunk"] for m in self.messages if "chunk" in m]
-
-    @property
-    def ids(self) -> list[str]:
-        return [m["id"] for m in self.messages]
-
-
-async def read_ws(url: str, *, stop_after: int | None = None, send_after_first: list[str] | None = None) -> WsRead:
-    """Reads messages until the server closes (or ``stop_after`` messages); sends ``send_after_first`` after one."""
-    read = WsRead()
-    async with connect(url, open_timeout=10, close_timeout=5) as ws:
-        try:
-            while True:
-                message = orjson.loads(await asyncio.wait_for(ws.recv(), 30))
-                if "id" in message:
-                    read.messages.append(message)
-                else:
-                    read.errors.append(message)
-                if len(read.messages) == 1 and send_after_first:
-                    for text in send_after_first:
-                        await ws.send(text)
-                    send_after_first = None
-                if stop_after is not None and len(read.messages) >= stop_after:
-                    return read
-        except ConnectionClosed:
-            pass
-        read.close_code = ws.close_code
-    return read
-
-
 async def test_websocket_messages_end_with_done_and_close_1000(stack: Stack, client: httpx.AsyncClient) -> None:
-    gen_id = await create(client, max_tokens=40)
-    read = await read_ws(ws_url(stack.api_urls[1], gen_id))
+    gen_id = await create(client, prompt="transports", max_tokens=40)
+    read = await read_ws(ws_url(stack.api_urls[1], gen_id), recv_timeout=30)
     assert read.close_code == 1000
-    assert read.errors == []
+    assert read.replies == []
     check_ndjson(read.messages)
     assert_strictly_increasing(read.ids)
     assert read.chunks[-1]["choices"][0]["finish_reason"] == "length"
@@ -182,25 +90,25 @@ async def test_websocket_messages_end_with_done_and_close_1000(stack: Stack, cli
 async def test_websocket_resume_on_the_other_pod_gives_exactly_the_rest(
     stack: Stack, client: httpx.AsyncClient
 ) -> None:
-    gen_id = await create(client, max_tokens=80)
-    head = await read_ws(ws_url(stack.api_urls[0], gen_id), stop_after=5)
+    gen_id = await create(client, prompt="transports", max_tokens=80)
+    head = await read_ws(ws_url(stack.api_urls[0], gen_id), stop_after=5, recv_timeout=30)
     assert len(head.messages) == 5 and head.close_code is None
-    rest = await read_ws(ws_url(stack.api_urls[1], gen_id, last_event_id=head.ids[-1]))
+    rest = await read_ws(ws_url(stack.api_urls[1], gen_id, last_event_id=head.ids[-1]), recv_timeout=30)
     assert rest.close_code == 1000
     messages = head.messages + rest.messages
     check_ndjson(messages)
     assert_strictly_increasing([m["id"] for m in messages])
     info = await generation(client, gen_id)
     assert text_of(head.chunks + rest.chunks) == info["content"]
-    full = await read_ws(ws_url(stack.api_urls[1], gen_id))
+    full = await read_ws(ws_url(stack.api_urls[1], gen_id), recv_timeout=30)
     assert full.ids == [m["id"] for m in messages]
 
 
 async def test_websocket_cancel_message_cancels_the_generation(stack: Stack, client: httpx.AsyncClient) -> None:
-    gen_id = await create(client, max_tokens=2000)
-    read = await read_ws(ws_url(stack.api_urls[1], gen_id), send_after_first=['{"type": "cancel"}'])
+    gen_id = await create(client, prompt="transports", max_tokens=2000)
+    read = await read_ws(ws_url(stack.api_urls[1], gen_id), send=['{"type": "cancel"}'], recv_timeout=30)
     assert read.close_code == 1000
-    assert read.errors == []
+    assert read.replies == []
     check_ndjson(read.messages)
     assert read.chunks[-1]["choices"][0]["finish_reason"] == "cancelled"
     info = await settled(client, gen_id)
@@ -213,10 +121,12 @@ async def test_websocket_cancel_message_cancels_the_generation(stack: Stack, cli
 async def test_websocket_bad_client_messages_get_an_error_and_the_stream_goes_on(
     stack: Stack, client: httpx.AsyncClient
 ) -> None:
-    gen_id = await create(client, max_tokens=200)
-    read = await read_ws(ws_url(stack.api_urls[0], gen_id), send_after_first=["this is not json", '{"type": "bogus"}'])
-    assert len(read.errors) == 2
-    for message in read.errors:
+    gen_id = await create(client, prompt="transports", max_tokens=200)
+    read = await read_ws(
+        ws_url(stack.api_urls[0], gen_id), send=["this is not json", '{"type": "bogus"}'], recv_timeout=30
+    )
+    assert len(read.replies) == 2
+    for message in read.replies:
         error = message["error"]
         assert isinstance(error["message"], str) and error["message"]
         assert isinstance(error["type"], str) and error["type"]
@@ -241,17 +151,11 @@ async def test_websocket_to_an_unknown_generation_is_refused_with_404(stack: Sta
 # -- SSE --------------------------------------------------------------------------
 
 
-@pytest.fixture
-def slow_heartbeat_stack(stack_factory: StackFactory) -> Stack:
-    """One API pod that pings every 0.2 s, and a demo writing 2 tokens/s (test_openai_sdk uses it too)."""
-    return stack_factory(apis=1, heartbeat_s="0.2", demo_tokens_per_s="2")
-
-
 async def test_sse_sends_heartbeat_comments_and_the_text_is_still_exact(slow_heartbeat_stack: Stack) -> None:
     comments: list[str] = []
     events: list[tuple[str, str]] = []  # (id, data)
     async with httpx.AsyncClient(base_url=slow_heartbeat_stack.url, timeout=30) as client:
-        gen_id = await create(client, max_tokens=4)
+        gen_id = await create(client, prompt="transports", max_tokens=4)
         async with client.stream("GET", f"/v1/generations/{gen_id}/events") as response:
             assert response.status_code == 200
             event_id, data = "", ""
@@ -309,9 +213,9 @@ async def test_finished_generation_replays_fully_and_resuming_after_done_gives_d
         done_id = live.ids[-1]
         after_done = await read_sse(client, "GET", events_url, headers={"Last-Event-ID": done_id})
         assert after_done.done and after_done.chunks == [] and after_done.ids == [done_id]
-        ndjson = await read_ndjson(client, live.gen_id, last_event_id=done_id)
+        ndjson = (await read_ndjson(client, live.gen_id, last_event_id=done_id)).lines
         assert ndjson == [{"id": done_id, "done": True}]
-    ws = await read_ws(ws_url(fast_stack.api_urls[1], live.gen_id, last_event_id=done_id))
+    ws = await read_ws(ws_url(fast_stack.api_urls[1], live.gen_id, last_event_id=done_id), recv_timeout=30)
     assert ws.messages == [{"id": done_id, "done": True}] and ws.close_code == 1000
 
 

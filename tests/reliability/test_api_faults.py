@@ -14,25 +14,24 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.reliability import (
+from tests.reliability import RawSse, private_stack, private_valkey, read_raw_sse
+from tests.support import (
     NdjsonRead,
-    RawSse,
+    Received,
+    Stack,
     WsRead,
     assert_strictly_increasing,
-    create,
+    chat_body,
+    create_at,
     finish_reason_of,
-    private_stack,
-    private_valkey,
-    read_ndjson,
-    read_raw_sse,
+    read_ndjson_at,
     read_sse_at,
     read_ws,
-    settled,
+    settled_at,
     text_of,
     wait_until,
     ws_url,
 )
-from tests.support import Received, Stack, chat_body
 
 TOKENS = 150  # 3 s at 50 tokens/s: the fault always lands mid-generation
 
@@ -62,12 +61,12 @@ async def test_pod_sigkill_viewers_resume_on_another_pod_with_exactly_the_rest(s
     survivor = stack.api_urls[0]
     victim_url = stack.start_api()
     victim = stack.apis[-1]
-    gen_id = (await create(survivor, TOKENS, "killed pod"))["id"]
+    gen_id = await create_at(survivor, prompt="killed pod", max_tokens=TOKENS)
 
     sse, ndjson, ws = Received(), NdjsonRead(), WsRead()
     viewers = [
         asyncio.create_task(read_sse_at(victim_url, gen_id, sse)),
-        asyncio.create_task(read_ndjson(victim_url, gen_id, ndjson)),
+        asyncio.create_task(read_ndjson_at(victim_url, gen_id, ndjson)),
         asyncio.create_task(read_ws(ws_url(victim_url, gen_id), ws)),
     ]
     await wait_until(lambda: min(len(sse.ids), ndjson.events, ws.events) >= 3, "every viewer to get 3 events")
@@ -81,11 +80,11 @@ async def test_pod_sigkill_viewers_resume_on_another_pod_with_exactly_the_rest(s
 
     # Each viewer resumes on the surviving pod after the last id it got.
     sse_rest = await read_sse_at(survivor, gen_id, Received(), last_event_id=sse.ids[-1])
-    ndjson_rest = await read_ndjson(survivor, gen_id, NdjsonRead(), last_event_id=ndjson.ids[-1])
+    ndjson_rest = await read_ndjson_at(survivor, gen_id, NdjsonRead(), last_event_id=ndjson.ids[-1])
     ws_rest = await read_ws(ws_url(survivor, gen_id, last_event_id=ws.ids[-1]), WsRead())
     assert sse_rest.done and ndjson_rest.done and ws_rest.done and ws_rest.close_code == 1000
 
-    info = await settled(survivor, gen_id)
+    info = await settled_at(survivor, gen_id)
     replay = await full_replay(survivor, gen_id)
     assert_exact(sse.ids + sse_rest.ids, sse.chunks + sse_rest.chunks, replay, info["content"])
     assert_exact(ndjson.ids + ndjson_rest.ids, ndjson.chunks + ndjson_rest.chunks, replay, info["content"])
@@ -96,12 +95,12 @@ async def test_pod_sigterm_hints_every_stream_to_reconnect_and_exits_and_resume_
     survivor = stack.api_urls[0]
     victim_url = stack.start_api()
     victim = stack.apis[-1]
-    gen_id = (await create(survivor, TOKENS, "drained pod"))["id"]
+    gen_id = await create_at(survivor, prompt="drained pod", max_tokens=TOKENS)
 
     sse, ndjson, ws = RawSse(), NdjsonRead(), WsRead()
     viewers = [
         asyncio.create_task(read_raw_sse(victim_url, gen_id, sse)),
-        asyncio.create_task(read_ndjson(victim_url, gen_id, ndjson)),
+        asyncio.create_task(read_ndjson_at(victim_url, gen_id, ndjson)),
         asyncio.create_task(read_ws(ws_url(victim_url, gen_id), ws)),
     ]
     await wait_until(lambda: min(sse.events, ndjson.events, ws.events) >= 3, "every viewer to get 3 events")
@@ -129,11 +128,11 @@ async def test_pod_sigterm_hints_every_stream_to_reconnect_and_exits_and_resume_
     assert victim.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal it handled, once drained
 
     sse_rest = await read_sse_at(survivor, gen_id, Received(), last_event_id=sse.ids[-1])
-    ndjson_rest = await read_ndjson(survivor, gen_id, NdjsonRead(), last_event_id=ndjson.ids[-1])
+    ndjson_rest = await read_ndjson_at(survivor, gen_id, NdjsonRead(), last_event_id=ndjson.ids[-1])
     ws_rest = await read_ws(ws_url(survivor, gen_id, last_event_id=ws.ids[-1]), WsRead())
     assert sse_rest.done and ndjson_rest.done and ws_rest.done
 
-    info = await settled(survivor, gen_id)
+    info = await settled_at(survivor, gen_id)
     replay = await full_replay(survivor, gen_id)
     assert_exact(sse.ids + sse_rest.ids, sse.chunks + sse_rest.chunks, replay, info["content"])
     assert_exact(ndjson.ids + ndjson_rest.ids, ndjson.chunks + ndjson_rest.chunks, replay, info["content"])

@@ -24,8 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import StackFactory
-from tests.reliability import WsRead, read_ws, ws_url
-from tests.support import Stack, chat_body, read_sse
+from tests.support import Stack, WsRead, chat_body, read_sse, read_ws, ws_url
 
 # Fresh for each session, so finding one in a log file cannot be an old run's leftover.
 KEY_A = f"fk-alpha-{uuid.uuid4().hex}"

@@ -26,20 +26,24 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from tests.conftest import StackFactory
-from tests.reliability import (
+from tests.reliability import streaming_meanwhile
+from tests.support import (
     NdjsonRead,
+    Received,
+    Stack,
     WsRead,
-    create,
-    read_ndjson,
+    assert_error,
+    chat_body,
+    create_at,
+    read_ndjson_at,
+    read_sse,
     read_sse_at,
     read_ws,
-    settled,
-    streaming_meanwhile,
+    settled_at,
     text_of,
     wait_until,
     ws_url,
 )
-from tests.support import Received, Stack, chat_body, read_sse
 
 MAX_BODY = 65536
 MAX_CONNECTIONS = 50
@@ -63,18 +67,6 @@ def stack(stack_factory: StackFactory) -> Stack:
 async def client(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as c:
         yield c
-
-
-def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
-    """The OpenAI error body with a fitting status."""
-    assert response.status_code == status, (response.status_code, response.text)
-    assert response.headers["content-type"].startswith("application/json"), response.headers
-    error: dict[str, Any] = response.json()["error"]
-    assert isinstance(error["message"], str) and error["message"]
-    assert isinstance(error["type"], str) and error["type"]
-    assert isinstance(error["code"], str) and error["code"]
-    assert code is None or error["code"] == code, error
-    return error
 
 
 async def assert_serving(client: httpx.AsyncClient, model: str = "demo") -> None:
@@ -262,10 +254,10 @@ async def test_bad_and_unknown_generation_ids(stack: Stack, client: httpx.AsyncC
 async def test_last_event_id_malformed_or_from_another_generation_is_400(
     stack: Stack, client: httpx.AsyncClient
 ) -> None:
-    short = (await create(stack.url, 3, "short"))["id"]
-    long_one = (await create(stack.url, 30, "longer"))["id"]
-    await settled(stack.url, short)
-    long_last = (await settled(stack.url, long_one))["last_event_id"]
+    short = await create_at(stack.url, prompt="short", max_tokens=3)
+    long_one = await create_at(stack.url, prompt="longer", max_tokens=30)
+    await settled_at(stack.url, short)
+    long_last = (await settled_at(stack.url, long_one))["last_event_id"]
     async with streaming_meanwhile(stack.url):
         for bad in ["abc", "5", "5-1", "-1-0", "1.5-0", "9" * 40 + "-0", "0x10-0", "\uff11-0", long_last]:
             if bad.isascii():  # a header value is ASCII; the query carries anything
@@ -283,12 +275,12 @@ async def test_last_event_id_malformed_or_from_another_generation_is_400(
 async def test_last_event_id_older_than_what_is_kept_gets_an_explicit_error(stack: Stack) -> None:
     """With FANLINE_STREAM_MAX_EVENTS=100, a 300-event generation no longer has its first events:
     resuming from there is an ``event_id_expired`` error on every transport, never a silent gap."""
-    gen_id = (await create(stack.url, 300, "long enough to be trimmed"))["id"]
-    info = await asyncio.wait_for(settled(stack.url, gen_id, within=30), 30)
+    gen_id = await create_at(stack.url, prompt="long enough to be trimmed", max_tokens=300)
+    info = await asyncio.wait_for(settled_at(stack.url, gen_id, within=30), 30)
     assert len(info["content"].split()) == 300  # the content is whole
     sse = await read_sse_at(stack.url, gen_id, Received(), last_event_id="1-0")
     assert sse.done and [e["code"] for e in sse.errors] == ["event_id_expired"] and sse.chunks == []
-    ndjson = await read_ndjson(stack.url, gen_id, NdjsonRead(), last_event_id="1-0")
+    ndjson = await read_ndjson_at(stack.url, gen_id, NdjsonRead(), last_event_id="1-0")
     assert [e["code"] for e in ndjson.errors] == ["event_id_expired"] and ndjson.chunks == []
     ws = await read_ws(ws_url(stack.url, gen_id, last_event_id="1-0"), WsRead())
     assert ws.close_code == 1000 and ws.chunks == []
@@ -299,7 +291,7 @@ async def test_last_event_id_older_than_what_is_kept_gets_an_explicit_error(stac
 
 
 async def test_websocket_non_json_and_huge_messages(stack: Stack) -> None:
-    gen_id = (await create(stack.url, 90, "websocket abuse"))["id"]  # under the 100 events kept
+    gen_id = await create_at(stack.url, prompt="websocket abuse", max_tokens=90)  # under the 100 events kept
     async with streaming_meanwhile(stack.url):
         chatty, big, huge = await asyncio.gather(
             # Not JSON, and JSON that is not a command: an error reply each, and the stream goes on to the end.
@@ -312,7 +304,7 @@ async def test_websocket_non_json_and_huge_messages(stack: Stack) -> None:
         assert [r["error"]["code"] for r in chatty.replies] == ["invalid_message"] * 3
         assert (big.close_code, huge.close_code) == (1009, 1009)
         assert not big.done and not huge.done
-        info = await settled(stack.url, gen_id)
+        info = await settled_at(stack.url, gen_id)
         assert text_of(chatty.chunks) == info["content"]
         # Whoever was cut off resumes exactly.
         for cut in (big, huge):
@@ -345,7 +337,7 @@ async def raw_get(url: str, path: str = "/healthz") -> tuple[int, bytes]:
 
 
 async def test_connection_flood_beyond_the_cap_gets_503_while_streams_go_on(stack: Stack) -> None:
-    gen_id = (await create(stack.url, 300, "flood"))["id"]
+    gen_id = await create_at(stack.url, prompt="flood", max_tokens=300)
     viewers_n = MAX_CONNECTIONS - 10
     limits = httpx.Limits(max_connections=viewers_n)
     async with httpx.AsyncClient(base_url=stack.url, timeout=30, limits=limits) as client:
@@ -358,7 +350,7 @@ async def test_connection_flood_beyond_the_cap_gets_503_while_streams_go_on(stac
         assert 503 in statuses, statuses  # past the cap: refused ...
         assert set(statuses) <= {200, 503}, statuses  # ... cleanly, never a hang or a reset
         await asyncio.wait_for(asyncio.gather(*viewers), 60)
-        info = await settled(stack.url, gen_id)
+        info = await settled_at(stack.url, gen_id)
         for r in received:  # ... while every stream that was open goes on to the end
             assert r.done and r.errors == [] and r.text == info["content"]
         await assert_serving(client)

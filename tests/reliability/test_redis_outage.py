@@ -14,22 +14,22 @@ from pathlib import Path
 
 import httpx
 
-from tests.reliability import (
+from tests.reliability import private_stack, private_valkey
+from tests.support import (
     NdjsonRead,
+    Received,
+    Stack,
     WsRead,
     assert_strictly_increasing,
-    create,
-    private_stack,
-    private_valkey,
-    read_ndjson,
+    create_at,
+    read_ndjson_at,
     read_sse_at,
     read_ws,
-    settled,
+    settled_at,
     text_of,
     wait_until,
     ws_url,
 )
-from tests.support import Received, Stack
 
 # How long Redis stays down: "a few seconds", longer than the workers' heartbeat interval.
 OUTAGE_S = 3.0
@@ -53,12 +53,12 @@ async def test_redis_restarted_with_its_data_viewers_finish_exactly(tmp_path: Pa
         private_stack(valkey.url, "redis-restart", apis=2, workers=1, demo_tokens_per_s="40") as stack,
     ):
         api0, api1 = stack.api_urls
-        gen_id = (await create(api0, 400, "outage"))["id"]
+        gen_id = await create_at(api0, prompt="outage", max_tokens=400)
         sse0, sse1, ndjson, ws = Received(), Received(), NdjsonRead(), WsRead()
         viewers = [
             asyncio.create_task(read_sse_at(api0, gen_id, sse0)),
             asyncio.create_task(read_sse_at(api1, gen_id, sse1)),
-            asyncio.create_task(read_ndjson(api1, gen_id, ndjson)),
+            asyncio.create_task(read_ndjson_at(api1, gen_id, ndjson)),
             asyncio.create_task(read_ws(ws_url(api0, gen_id), ws)),
         ]
         await wait_until(lambda: min(len(sse0.ids), len(sse1.ids), ndjson.events, ws.events) >= 10, "10 events each")
@@ -71,7 +71,7 @@ async def test_redis_restarted_with_its_data_viewers_finish_exactly(tmp_path: Pa
         await wait_readiness(stack, 200)
 
         await asyncio.wait_for(asyncio.gather(*viewers), 60)
-        info = await settled(api0, gen_id)
+        info = await settled_at(api0, gen_id)
 
     assert info["status"] == "completed", info
     assert len(info["content"].split()) == 400
@@ -96,9 +96,9 @@ async def test_workers_and_pods_outlive_a_redis_outage_and_run_new_generations(t
         valkey.start()
         await wait_readiness(stack, 200)
         assert stack.workers[0].poll() is None, f"the worker exited during the outage; see {stack.log_dir}"
-        gen_id = (await create(stack.url, 10, "after the outage"))["id"]
+        gen_id = await create_at(stack.url, prompt="after the outage", max_tokens=10)
         after = await asyncio.wait_for(read_sse_at(stack.url, gen_id, Received()), 15)
-        info = await settled(stack.url, gen_id)
+        info = await settled_at(stack.url, gen_id)
     assert after.done and after.errors == [] and after.text == info["content"]
     assert len(after.text.split()) == 10
 
@@ -109,11 +109,11 @@ async def test_redis_restarted_empty_viewers_get_generation_lost_not_a_hang(tmp_
         private_stack(valkey.url, "redis-lost", apis=1, workers=1, demo_tokens_per_s="20") as stack,
     ):
         api = stack.url
-        gen_id = (await create(api, 2000, "lost"))["id"]
+        gen_id = await create_at(api, prompt="lost", max_tokens=2000)
         sse, ndjson, ws = Received(), NdjsonRead(), WsRead()
         viewers = [
             asyncio.create_task(read_sse_at(api, gen_id, sse)),
-            asyncio.create_task(read_ndjson(api, gen_id, ndjson)),
+            asyncio.create_task(read_ndjson_at(api, gen_id, ndjson)),
             asyncio.create_task(read_ws(ws_url(api, gen_id), ws)),
         ]
         await wait_until(lambda: min(len(sse.ids), ndjson.events, ws.events) >= 3, "3 events each")

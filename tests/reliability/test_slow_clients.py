@@ -18,27 +18,27 @@ import httpx
 import orjson
 
 from tests.conftest import StackFactory
-from tests.reliability import assert_strictly_increasing, read_sse_at, settled, text_of, wait_until
-from tests.support import Received, chat_body
+from tests.support import (
+    Received,
+    assert_strictly_increasing,
+    chat_body,
+    parse_sse,
+    read_sse_at,
+    settled_at,
+    text_of,
+    wait_until,
+)
 
 VIEWERS = 100
 TOKENS = 20_000  # about 600 KB of SSE: far more than a blocked socket can take
 
 
-def parse_sse(body: bytes) -> tuple[list[str], list[dict[str, Any]], bool]:
+def ids_chunks_done(body: bytes) -> tuple[list[str], list[dict[str, Any]], bool]:
     """(ids, chunks, done) of a complete or cut-off SSE body."""
-    ids: list[str] = []
-    chunks: list[dict[str, Any]] = []
-    done = False
-    for block in body.decode().split("\n\n"):
-        for line in block.split("\n"):
-            if line.startswith("id: "):
-                ids.append(line[4:])
-            elif line == "data: [DONE]":
-                done = True
-            elif line.startswith("data: "):
-                chunks.append(orjson.loads(line[6:]))
-    return ids, chunks, done
+    frames = parse_sse(body)
+    ids = [event_id for event_id, _ in frames]
+    chunks = [orjson.loads(data) for _, data in frames if data != b"[DONE]"]
+    return ids, chunks, any(data == b"[DONE]" for _, data in frames)
 
 
 def dechunk(raw: bytes) -> bytes:
@@ -104,11 +104,11 @@ async def test_stuck_viewer_is_cut_off_and_100_others_finish_exactly(stack_facto
                     return b"".join([part async for part in stream.aiter_bytes()])
 
             bodies = await asyncio.wait_for(asyncio.gather(*(viewer() for _ in range(VIEWERS))), 90)
-            info = await settled(stack.url, gen_id)
+            info = await settled_at(stack.url, gen_id)
             assert info["status"] == "completed"
             first_ids: list[str] | None = None
             for body in bodies:
-                ids, chunks, done = parse_sse(body)
+                ids, chunks, done = ids_chunks_done(body)
                 assert done and text_of(chunks) == info["content"]
                 assert_strictly_increasing(ids)
                 first_ids = first_ids or ids
@@ -121,7 +121,7 @@ async def test_stuck_viewer_is_cut_off_and_100_others_finish_exactly(stack_facto
         finally:
             stuck.close()
 
-        ids, chunks, done = parse_sse(dechunk(raw))
+        ids, chunks, done = ids_chunks_done(dechunk(raw))
         assert not done and ids, "the stuck viewer should have been cut off before the end"
         assert ids == first_ids[: len(ids)]
         # It resumes after the last event it got and has exactly the rest.

@@ -15,23 +15,24 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability import (
+from tests.reliability import private_stack, private_valkey
+from tests.support import (
     NdjsonRead,
+    Received,
+    Stack,
     WsRead,
     assert_strictly_increasing,
-    create,
-    private_stack,
-    private_valkey,
-    read_ndjson,
+    create_at,
+    generation_at,
+    read_ndjson_at,
     read_sse_at,
     read_ws,
-    settled,
-    status_of,
+    settled_at,
+    spawn,
     text_of,
     wait_until,
     ws_url,
 )
-from tests.support import Received, Stack, spawn
 
 # Long enough that no generation here ends by itself during a test (2000 tokens at 20/s).
 LONG = 2000
@@ -62,14 +63,14 @@ async def wait_exit(process: subprocess.Popen[bytes], within: float) -> int:
 async def test_worker_sigkill_ends_every_viewer_with_worker_lost_within_15_s(stack: Stack) -> None:
     worker = start_worker(stack)
     api0, api1 = stack.api_urls
-    gen_id = (await create(api0, LONG, "watched"))["id"]
-    unwatched = (await create(api1, LONG, "nobody watches this one"))["id"]
+    gen_id = await create_at(api0, prompt="watched", max_tokens=LONG)
+    unwatched = await create_at(api1, prompt="nobody watches this one", max_tokens=LONG)
 
     sse0, sse1, ndjson, ws = Received(), Received(), NdjsonRead(), WsRead()
     viewers = [
         asyncio.create_task(read_sse_at(api0, gen_id, sse0)),
         asyncio.create_task(read_sse_at(api1, gen_id, sse1)),
-        asyncio.create_task(read_ndjson(api0, gen_id, ndjson)),
+        asyncio.create_task(read_ndjson_at(api0, gen_id, ndjson)),
         asyncio.create_task(read_ws(ws_url(api1, gen_id), ws)),
     ]
     await wait_until(
@@ -77,7 +78,7 @@ async def test_worker_sigkill_ends_every_viewer_with_worker_lost_within_15_s(sta
     )
 
     async def unwatched_running() -> bool:
-        return bool((await status_of(api1, unwatched))["status"] == "running")
+        return bool((await generation_at(api1, unwatched))["status"] == "running")
 
     await wait_until(unwatched_running, "the unwatched generation to run")
 
@@ -88,7 +89,7 @@ async def test_worker_sigkill_ends_every_viewer_with_worker_lost_within_15_s(sta
         await asyncio.gather(*viewers)
     ended_after = time.monotonic() - killed_at
 
-    info = await settled(api0, gen_id)
+    info = await settled_at(api0, gen_id)
     assert info["status"] == "failed" and info["error"]["code"] == "worker_lost"
     for sse in (sse0, sse1):
         assert sse.done and [e["code"] for e in sse.errors] == ["worker_lost"], sse.errors
@@ -103,14 +104,14 @@ async def test_worker_sigkill_ends_every_viewer_with_worker_lost_within_15_s(sta
 
     # Nobody watches the other generation: the reapers end it all the same.
     async with asyncio.timeout(15 - ended_after):
-        lost = await settled(api1, unwatched)
+        lost = await settled_at(api1, unwatched)
     assert lost["status"] == "failed" and lost["error"]["code"] == "worker_lost"
 
 
 async def test_worker_sigterm_past_its_grace_ends_the_generation_with_worker_shutdown(stack: Stack) -> None:
     worker = start_worker(stack, worker_grace_s="1")
     api0, api1 = stack.api_urls
-    gen_id = (await create(api0, LONG, "stopped worker"))["id"]
+    gen_id = await create_at(api0, prompt="stopped worker", max_tokens=LONG)
     sse, ws = Received(), WsRead()
     viewers = [
         asyncio.create_task(read_sse_at(api0, gen_id, sse)),
@@ -123,7 +124,7 @@ async def test_worker_sigterm_past_its_grace_ends_the_generation_with_worker_shu
         await asyncio.gather(*viewers)
     assert await wait_exit(worker, 15) == 0
 
-    info = await settled(api0, gen_id)
+    info = await settled_at(api0, gen_id)
     assert info["status"] == "failed" and info["error"]["code"] == "worker_shutdown"
     assert sse.done and [e["code"] for e in sse.errors] == ["worker_shutdown"]
     assert sse.text == info["content"] != ""
@@ -135,7 +136,7 @@ async def test_worker_sigterm_within_its_grace_finishes_the_generation_and_takes
     worker = start_worker(stack, worker_grace_s="30", log_level="info")
     log_path = Path(stack.log_dir) / f"worker{len(stack.workers) - 1}.log"
     api0, api1 = stack.api_urls
-    gen_id = (await create(api0, 60, "finish me"))["id"]  # about 3 s at 20 tokens/s
+    gen_id = await create_at(api0, prompt="finish me", max_tokens=60)  # about 3 s at 20 tokens/s
     sse = Received()
     viewer = asyncio.create_task(read_sse_at(api1, gen_id, sse))
     await wait_until(lambda: len(sse.ids) >= 3, "the viewer to get 3 events")
@@ -143,18 +144,18 @@ async def test_worker_sigterm_within_its_grace_finishes_the_generation_and_takes
     worker.send_signal(signal.SIGTERM)
     # arq's own line once its handler ran (arq 0.28): from then on it takes no job.
     await wait_until(lambda: "allow_pick_jobs" in log_path.read_text(), "the worker to handle SIGTERM")
-    later = (await create(api0, 5, "after the signal"))["id"]
+    later = await create_at(api0, prompt="after the signal", max_tokens=5)
     async with asyncio.timeout(15):
         await viewer
     assert await wait_exit(worker, 15) == 0
 
-    info = await settled(api0, gen_id)
+    info = await settled_at(api0, gen_id)
     assert info["status"] == "completed" and info["error"] is None
     assert sse.done and sse.errors == [] and sse.finish_reason == "length"
     assert_strictly_increasing(sse.ids)
     assert sse.text == info["content"] and len(sse.text.split()) == 60
     # The draining worker did not take the job enqueued after its signal; the next worker does.
-    assert (await status_of(api1, later))["status"] == "queued"
+    assert (await generation_at(api1, later))["status"] == "queued"
     start_worker(stack)
     rest = await read_sse_at(api1, later, Received())
     assert rest.done and rest.errors == [] and len(rest.text.split()) == 5

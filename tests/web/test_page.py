@@ -10,14 +10,13 @@ import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 import pytest
 from playwright.async_api import Browser, BrowserContext, Locator, Page, Request, async_playwright, expect
 
 from tests.conftest import OUTPUT, StackFactory
-from tests.support import Stack, generation
+from tests.support import Stack, generation, generation_at
 from tests.web import REASONING, REPO, WEB_STACK, web_stack
 
 # Debian's chromium (apt-get install chromium); Playwright never downloads a browser here.
@@ -137,11 +136,6 @@ async def viewers(browser: Browser, name: str) -> AsyncIterator[Open]:
                 await viewer.context.close()
 
 
-async def final(stack: Stack, gen_id: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
-        return await generation(client, gen_id)
-
-
 async def test_page_loads_clean_streams_and_shows_reasoning_apart(browser: Browser, web: Stack) -> None:
     async with viewers(browser, "load") as open_page:
         me = await open_page(web.url + "/")
@@ -152,7 +146,7 @@ async def test_page_loads_clean_streams_and_shows_reasoning_apart(browser: Brows
         await me.ask("think about streams", 30)
         await me.state("done")
         gen_id = await me.generation_id()
-        info = await final(web, gen_id)
+        info = await generation_at(web.url, gen_id)
         assert info["status"] == "completed"
         assert await me.text() == info["content"] != ""
         reasoning = me.answer.locator(".reasoning-text")
@@ -179,7 +173,7 @@ async def test_share_link_shows_the_same_answer_to_a_second_viewer_on_another_po
         await expect(friend.answer.locator(".content")).to_have_text(SOME_TEXT, timeout=WAIT_MS)
         await me.state("done")
         await friend.state("done")
-        info = await final(web, gen_id)
+        info = await generation_at(web.url, gen_id)
         assert await me.text() == await friend.text() == info["content"]
         assert friend.resumes(gen_id) == [""], "the viewer watched from the first event"
         assert me.problems == friend.problems == []
@@ -195,7 +189,7 @@ async def test_network_loss_mid_stream_then_back_completes_exactly(browser: Brow
         await me.state("reconnecting")
         await me.context.set_offline(False)
         await me.state("done")
-        info = await final(web, gen_id)
+        info = await generation_at(web.url, gen_id)
         assert await me.text() == info["content"]
         resumed_after = me.resumes(gen_id)
         assert resumed_after and all(re.fullmatch(r"\d+-0", i) for i in resumed_after), resumed_after
@@ -209,7 +203,7 @@ async def test_reload_mid_stream_resumes_after_the_last_event_shown(browser: Bro
         gen_id = await me.generation_id()
         await me.page.reload()
         await me.state("done")
-        info = await final(web, gen_id)
+        info = await generation_at(web.url, gen_id)
         assert me.page.url == f"{web.url}/#g={gen_id}"
         await expect(me.page.locator("#messages li.user")).to_have_text(re.compile("reload the page"))
         assert await me.text() == info["content"]
@@ -226,7 +220,7 @@ async def test_stop_cancels_the_generation(browser: Browser, web: Stack) -> None
         gen_id = await me.generation_id()
         await me.page.get_by_role("button", name="Stop").click()
         await me.state("cancelled")
-        info = await final(web, gen_id)
+        info = await generation_at(web.url, gen_id)
         assert info["status"] == "cancelled"
         assert info["finish_reason"] == "cancelled"
         await expect(me.answer).to_have_attribute("data-finish-reason", "cancelled")
@@ -263,7 +257,7 @@ async def test_docs_eventsource_example_resumes_after_a_reload(browser: Browser,
         await me.page.add_script_tag(content=script)
         await expect(me.page.locator("#answer.done")).to_be_attached(timeout=WAIT_MS)
         after = await me.page.locator("#answer").text_content() or ""
-        info = await final(web, gen_id)
+        info = await generation_at(web.url, gen_id)
         assert before and after
         assert before + after == info["content"]
         assert me.resumes(gen_id)[-1] == "", "EventSource sent no header; the id went in ?last_event_id="
@@ -279,7 +273,7 @@ async def test_docs_js_client_example_runs_in_the_page(browser: Browser, web: St
         await me.page.add_script_tag(content=code, type="module")
         await me.page.wait_for_function("window.example !== undefined", timeout=WAIT_MS)
         example = await me.page.evaluate("window.example")
-        info = await final(web, example["id"])
+        info = await generation_at(web.url, example["id"])
         assert await me.page.locator("#answer").text_content() == info["content"] != ""
         await expect(me.page.locator("#answer")).to_have_attribute("data-status", "done")
         assert example["rest"] == ""

@@ -5,43 +5,15 @@ from __future__ import annotations
 import asyncio
 import signal
 import subprocess
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 import redis.asyncio as aioredis
 
 from shared import keys
 from tests.conftest import StackFactory
-from tests.support import Stack, chat_body, generation, read_sse
+from tests.support import Stack, chat_body, create, generation, read_sse, wait_finished
 from worker.generators.demo import demo_tokens
-
-TERMINAL = ("completed", "failed", "cancelled")
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
-
-
-async def create(client: httpx.AsyncClient, **body: Any) -> str:
-    response = await client.post("/v1/generations", json=chat_body(stream=False, **body))
-    assert response.status_code == 201, response.text
-    gen_id: str = response.json()["id"]
-    return gen_id
-
-
-async def wait_finished(client: httpx.AsyncClient, gen_id: str, polls: int = 400) -> dict[str, Any]:
-    """The generation once it has ended (a bounded poll of its status)."""
-    for _ in range(polls):
-        info = await generation(client, gen_id)
-        if info["status"] in TERMINAL:
-            return info
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"generation {gen_id} is still {info['status']}")
 
 
 async def test_jobs_start_on_the_wake_message_not_on_arq_polling(stack_factory: StackFactory) -> None:

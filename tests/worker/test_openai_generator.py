@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from shared.keys import Meta
 from tests.conftest import StackFactory
-from tests.support import Received, Stack, chat_body, generation, read_sse
+from tests.support import Received, Stack, chat_body, generation, read_sse, watch
 from tests.upstream import FIDELITY_DELTAS, FIDELITY_USAGE, FIRST_WORDS, Upstream
 
 TOOL = {
@@ -65,13 +65,6 @@ def behind_stand_in(stack_factory: StackFactory, upstream: Upstream) -> Stack:
         upstream_timeout_s=STAND_IN_TIMEOUT_S,
         worker_grace_s="0",
     )
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 async def upstream_generation(redis: aioredis.Redis, prompt: str, ours: str) -> tuple[str, dict[str, Any]]:
@@ -313,24 +306,3 @@ async def test_cancel_closes_the_upstream_request(behind_stand_in: Stack, upstre
     assert received.done and received.errors == [] and received.finish_reason == "cancelled"
     assert info["status"] == "cancelled"
     assert received.text == info["content"] != ""
-
-
-async def watch(client: httpx.AsyncClient, gen_id: str, streaming: asyncio.Event) -> Received:
-    """Watches a generation to its end; sets ``streaming`` once text has arrived."""
-    received = Received(gen_id=gen_id)
-    async with client.stream("GET", f"/v1/generations/{gen_id}/events") as response:
-        assert response.status_code == 200
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            if line == "data: [DONE]":
-                received.done = True
-                break
-            payload = orjson.loads(line.removeprefix("data: "))
-            if "error" in payload:
-                received.errors.append(payload["error"])
-            else:
-                received.chunks.append(payload)
-            if received.text:
-                streaming.set()
-    return received

@@ -11,17 +11,11 @@ import redis.asyncio as aioredis
 
 from shared import events, keys
 from shared.ids import new_generation_id
+from tests.support import text_of
 from worker.publisher import Publisher
 
 USAGE = {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
 RETENTION_S = 60
-
-
-@pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
@@ -51,8 +45,8 @@ def payloads(stored: list[tuple[bytes, dict[bytes, bytes]]]) -> list[Any]:
     return [orjson.loads(fields[b"d"]) if fields[b"k"] != events.END else None for _, fields in stored]
 
 
-def text_of(stored: list[tuple[bytes, dict[bytes, bytes]]]) -> str:
-    return "".join(p["choices"][0]["delta"].get("content") or "" for p in payloads(stored) if p and p.get("choices"))
+def stored_text(stored: list[tuple[bytes, dict[bytes, bytes]]]) -> str:
+    return text_of([p for p in payloads(stored) if p])
 
 
 async def test_resending_the_same_entries_is_a_no_op(redis: aioredis.Redis, gen_id: str) -> None:
@@ -88,7 +82,7 @@ async def test_a_retry_that_partly_succeeded_writes_only_what_is_missing(redis: 
     after = await entries(redis, gen_id)
     assert [entry_id for entry_id, _ in after] == [b"1-0", b"2-0"]
     assert after[0] == stored[0]
-    assert text_of(after) == "alpha beta "
+    assert stored_text(after) == "alpha beta "
     assert await redis.get(keys.content_key(gen_id)) == b"alpha beta "
 
 
@@ -100,7 +94,7 @@ async def test_tokens_added_without_yielding_are_coalesced(redis: aioredis.Redis
     await pub.drain()
     stored = await entries(redis, gen_id)
     assert len(stored) < len(tokens) // 10
-    assert text_of(stored) == "".join(tokens)
+    assert stored_text(stored) == "".join(tokens)
     assert await redis.get(keys.content_key(gen_id)) == "".join(tokens).encode()
     first = payloads(stored)[0]
     assert first["choices"][0]["delta"]["role"] == "assistant"
@@ -118,7 +112,7 @@ async def test_tokens_interleaved_with_writes_keep_order_and_text(redis: aioredi
     await pub.drain()
     stored = await entries(redis, gen_id)
     assert len(stored) < len(tokens)
-    assert text_of(stored) == "".join(tokens)
+    assert stored_text(stored) == "".join(tokens)
     assert await redis.get(keys.content_key(gen_id)) == "".join(tokens).encode()
     assert pub.seq == len(stored)
 
