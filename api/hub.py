@@ -170,7 +170,6 @@ class Hub:
         # Often enough that an idle-cancel deadline never falls between two refreshes.
         idle = settings.idle_cancel_s
         self._viewed_refresh_s = min(_VIEWED_REFRESH_S, idle / 3) if idle else _VIEWED_REFRESH_S
-        self.healthy = True
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -192,10 +191,6 @@ class Hub:
         self.draining = True
         for topic in list(self._topics.values()):
             topic.wake()
-
-    @property
-    def topic_count(self) -> int:
-        return len(self._topics)
 
     @property
     def viewer_count(self) -> int:
@@ -413,7 +408,6 @@ class _Reader:
                     continue  # a new topic interrupted the read
                 except RedisError as exc:
                     self._client_id = None  # a new connection will have a new id
-                    hub.healthy = False
                     metrics.REDIS_ERRORS.labels("hub").inc()
                     log.warning("hub reader: %s; retrying in %.2f s", exc, backoff)
                     await asyncio.sleep(backoff)
@@ -421,7 +415,6 @@ class _Reader:
                     continue
                 finally:
                     self._read = None
-                hub.healthy = True
                 backoff = 0.05
                 metrics.HUB_READS.inc()
                 for key, entries in response or ():

@@ -8,7 +8,6 @@ FanlineError                      500 server_error
 ├── RequestTimeout                408 invalid_request_error
 ├── Conflict                      409 conflict_error
 ├── PayloadTooLarge               413 invalid_request_error
-├── RateLimited                   429 rate_limit_error
 ├── Unavailable                   503 service_unavailable
 └── GenerationFailed              a generation's terminal error (not an HTTP status)
 """
@@ -74,12 +73,6 @@ class PayloadTooLarge(FanlineError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
-
-
-class RateLimited(FanlineError):
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limited"
 
 
 class Unavailable(FanlineError):
