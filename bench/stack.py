@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis
 
-from cli.valkey import EmbeddedValkey, die_with_parent, free_port
+from cli.valkey import EmbeddedValkey, free_port, spawn_logged
 
 REPO = Path(__file__).resolve().parent.parent
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -119,18 +119,7 @@ class Stack:
         }
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str], port: int = 0) -> Proc:
-        log_path = self.work_dir / "logs" / f"{name}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
-            popen = subprocess.Popen(
-                [sys.executable, *args],
-                env=env,
-                cwd=REPO,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                preexec_fn=die_with_parent,
-            )
+        popen = spawn_logged([sys.executable, *args], env, self.work_dir / "logs" / f"{name}.log", REPO)
         return Proc(name, popen, port)
 
     # -- starting ----------------------------------------------------------

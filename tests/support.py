@@ -32,7 +32,7 @@ from httpx_sse import aconnect_sse
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from cli.valkey import die_with_parent, free_port
+from cli.valkey import free_port, spawn_logged
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = ("completed", "failed", "cancelled")
@@ -40,17 +40,7 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """A ``fanline`` subcommand as a real process, its output in ``log_path``."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cli", *args],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent,
-        )
+    return spawn_logged([sys.executable, "-m", "cli", *args], env, log_path, REPO)
 
 
 def wait_http_ok(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:
