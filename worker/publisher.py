@@ -87,7 +87,7 @@ class Publisher:
         self.reasoning: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self.seq = 0  # id of the last entry handed to Redis
-        self._pending: list[tuple[bytes, Any]] = []  # (kind, delta dict or payload bytes)
+        self._pending: list[tuple[bytes, Any]] = []  # (kind, a _Chunk, payload bytes, or the end's outcome)
         self._role_sent = False
         self._content_bytes = 0  # length of the content key, for idempotent SETRANGE
         self._flusher: asyncio.Task[None] | None = None
