@@ -11,12 +11,14 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from shared.errors import FanlineError, InvalidRequest, NotFound, Unavailable
+from shared.errors import FanlineError, InvalidRequest, NotFound, RateLimited, Unavailable
 
 log = logging.getLogger("fanline.api")
 
 
 def error_response(exc: FanlineError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    if isinstance(exc, RateLimited):
+        headers = {**(headers or {}), "Retry-After": str(exc.retry_after)}
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 

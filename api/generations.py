@@ -1,4 +1,4 @@
-"""Generations as the API sees them: create (metadata + job + wake), look up, cancel."""
+"""Generations as the API sees them: create (per-key limits, metadata + job + wake), look up, cancel."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from arq.connections import ArqRedis
 from pydantic import ValidationError
 
 from api import metrics
+from api.limits import Limits
 from shared import events, keys
 from shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
 from shared.ids import is_generation_id, new_generation_id
@@ -104,12 +105,19 @@ class Generations:
         self._redis = redis
         self._queue = queue
         self._settings = settings
+        self._limits = Limits(redis, settings)
 
     async def create(self, request: ChatCompletionRequest, owner: str = "") -> str:
+        """Every endpoint that starts a generation comes through here, so the per-key limits hold for all."""
         gen_id = new_generation_id()
         gen_id_var.set(gen_id)
-        await write_queued(self._redis, gen_id, request, owner)
-        await enqueue(self._queue, [gen_id], self._settings.queue_name)
+        await self._limits.admit(owner, gen_id)  # over a limit: 429, and nothing is created
+        try:
+            await write_queued(self._redis, gen_id, request, owner)
+            await enqueue(self._queue, [gen_id], self._settings.queue_name)
+        except Exception:
+            await self._limits.release(owner, gen_id)
+            raise
         metrics.GENERATIONS_CREATED.inc()
         return gen_id
 

@@ -8,6 +8,7 @@ FanlineError                      500 server_error
 ├── RequestTimeout                408 invalid_request_error
 ├── Conflict                      409 conflict_error
 ├── PayloadTooLarge               413 invalid_request_error
+├── RateLimited                   429 rate_limit_error (with a Retry-After)
 ├── Unavailable                   503 service_unavailable
 └── GenerationFailed              a generation's terminal error (not an HTTP status)
 """
@@ -73,6 +74,18 @@ class PayloadTooLarge(FanlineError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class RateLimited(FanlineError):
+    """Over a per-key limit; ``retry_after`` (whole seconds) becomes the ``Retry-After`` header."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = max(1, retry_after)
 
 
 class Unavailable(FanlineError):

@@ -11,6 +11,11 @@ generations it serves. The 256 slots spread over the cluster's nodes.
     fanline:{3f}:3f9c…e1:events    the stream (ids <seq>-0)
     fanline:{3f}:3f9c…e1:meta      the metadata hash (fields: Meta below)
     fanline:{3f}:3f9c…e1:content   all content text so far
+
+An API key's limits (api/limits.py) have a tag of their own, the key's owner name:
+
+    fanline:{key:9b1e…}:live       its queued or running generations (sorted set)
+    fanline:{key:9b1e…}:recent     its generations started in the last minute (sorted set)
 """
 
 from __future__ import annotations
@@ -53,6 +58,26 @@ def ai_sdk_chat_key(owner: str, chat_id: str) -> str:
     """
     return f"{PREFIX}:ai-sdk:{{{owner}:{chat_id}}}:latest"
 
+
+def key_live_key(owner: str) -> str:
+    """The API key's generations that are queued or running: a sorted set of ids scored by
+    the unix time at which an entry is stale (its worker never ended it). api/limits.py
+    adds an id, the worker removes it when the generation ends.
+
+    The per-key keys share a hash tag of their own (``{key:<owner>}``), so one Lua script
+    checks and updates both; ``owner`` is ``Auth.owner_of(key)``, never the key itself.
+    """
+    return f"{PREFIX}:{{key:{owner}}}:live"
+
+
+def key_recent_key(owner: str) -> str:
+    """The API key's generation-creating requests of the last ``RATE_WINDOW_S``: a sorted set
+    of generation ids scored by their admission time (a sliding window log)."""
+    return f"{PREFIX}:{{key:{owner}}}:recent"
+
+
+# The window of FANLINE_KEY_RATE_PER_MIN, in seconds.
+RATE_WINDOW_S = 60
 
 # Generations being run, scored by their worker's last heartbeat (unix seconds):
 # what the reaper (shared/reaper.py) scans for dead workers.

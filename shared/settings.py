@@ -38,6 +38,11 @@ class Settings(BaseSettings):
     # Comma-separated origins allowed by CORS ("*" for any); empty: CORS off.
     cors_origins: str = ""
     retention_s: int = Field(3600, ge=1)
+    # Per-API-key limits, enforced only with auth on (api/limits.py); 0 = unlimited.
+    # Generations of one key queued or running at once:
+    key_max_concurrent: int = Field(0, ge=0)
+    # Generation-creating requests of one key in any 60 s:
+    key_rate_per_min: int = Field(0, ge=0)
 
     # Request limits.
     max_body_bytes: int = Field(1_048_576, ge=1024)

@@ -82,6 +82,7 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
     if settings.log_content:
         log.debug("generation %s prompt: %r", gen_id, request.prompt_text())
     created = int(meta.get(Meta.CREATED.encode(), b"0"))
+    owner = meta.get(Meta.OWNER.encode(), b"").decode()
     publisher = Publisher(
         redis, gen_id, request.model, created, max_events=settings.stream_max_events, retention_s=settings.retention_s
     )
@@ -134,7 +135,7 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
                 return "disowned"
             if current is not None and current.cancelling():
                 # The worker is stopping and its grace period is over: say so to the viewers.
-                await _end_on_shutdown(publisher, redis, gen_id)
+                await _end_on_shutdown(publisher, redis, gen_id, owner)
                 raise
             cancelled = True
         except Disowned:
@@ -157,24 +158,29 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
         status = "cancelled" if cancelled else "completed"
         finish_reason = "cancelled" if cancelled else gen_ctx.finish_reason
         await publisher.finish(status, finish_reason, gen_ctx.usage, request.include_usage)
-    await _ended(redis, gen_id, status)
+    await _ended(redis, gen_id, status, owner)
     metrics.GENERATION_DURATION.observe(time.monotonic() - started)
     log.info("generation %s %s after %d events", gen_id, status, publisher.seq)
     return status
 
 
-async def _ended(redis: aioredis.Redis, gen_id: str, status: str) -> None:
-    """After the end (whose write also set the outcome and the expiry): off the reaper's list."""
-    await redis.zrem(keys.RUNNING, gen_id)
+async def _ended(redis: aioredis.Redis, gen_id: str, status: str, owner: str = "") -> None:
+    """After the end (whose write also set the outcome and the expiry): off the reaper's list,
+    and off its API key's live generations (the per-key concurrency limit, api/limits.py)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrem(keys.RUNNING, gen_id)
+        if owner:
+            pipe.zrem(keys.key_live_key(owner), gen_id)
+        await pipe.execute()
     metrics.GENERATIONS.labels(status).inc()
 
 
-async def _end_on_shutdown(publisher: Publisher, redis: aioredis.Redis, gen_id: str) -> None:
+async def _end_on_shutdown(publisher: Publisher, redis: aioredis.Redis, gen_id: str, owner: str) -> None:
     message = "the worker was stopped before this generation finished"
     try:
         async with asyncio.timeout(_SHUTDOWN_WRITE_S):
             await asyncio.shield(publisher.fail(message, "worker_shutdown"))
-            await _ended(redis, gen_id, "failed")
+            await _ended(redis, gen_id, "failed", owner)
     except Exception as exc:  # the reaper will end it as worker_lost instead
         log.warning("generation %s: could not write its shutdown error: %s", gen_id, exc)
 
