@@ -6,7 +6,7 @@ import { test } from "node:test";
 
 import { DefaultChatTransport, readUIMessageStream } from "ai";
 
-import { baseUrl, generation, until } from "./support.mjs";
+import { baseUrl, collectConsoleErrors, generation, until } from "./support.mjs";
 
 const React = await import("react");
 const { create } = await import("react-test-renderer");
@@ -15,14 +15,7 @@ const { useChat } = await import("@ai-sdk/react");
 // useChat renders as the stream arrives, outside any act() scope: the tests wait for
 // those renders, as a user would, so this is not an act() environment.
 globalThis.IS_REACT_ACT_ENVIRONMENT = false;
-const consoleError = console.error;
-const logged = [];
-console.error = (...args) => {
-  if (!String(args[0]).startsWith("react-test-renderer is deprecated")) logged.push(args);
-};
-process.on("exit", () => {
-  console.error = consoleError;
-});
+const logged = collectConsoleErrors();
 
 const API = () => `${baseUrl()}/v1/ai-sdk/chat`;
 let chats = 0;

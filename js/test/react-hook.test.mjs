@@ -3,7 +3,7 @@ import assert from "node:assert/strict";
 import { register } from "node:module";
 import { test } from "node:test";
 
-import { baseUrl, generation, until } from "./support.mjs";
+import { baseUrl, collectConsoleErrors, generation, until } from "./support.mjs";
 
 register("./resolve-from-js.mjs", import.meta.url);
 const React = await import("react");
@@ -11,15 +11,7 @@ const { act, create } = await import("react-test-renderer");
 const { useFanlineChat } = await import("../../api/static/fanline-react.js");
 
 globalThis.IS_REACT_ACT_ENVIRONMENT = true;
-// react-test-renderer 19 announces its own deprecation once; nothing else may be logged.
-const consoleError = console.error;
-const logged = [];
-console.error = (...args) => {
-  if (!String(args[0]).startsWith("react-test-renderer is deprecated")) logged.push(args);
-};
-process.on("exit", () => {
-  console.error = consoleError;
-});
+const logged = collectConsoleErrors();
 
 const h = React.createElement;
 

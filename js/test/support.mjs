@@ -92,3 +92,17 @@ export async function cuttingProxy(target, { cutAfter }) {
     },
   };
 }
+
+// console.error calls made during the tests, to assert there were none; react-test-renderer 19
+// announces its own deprecation once, which is not collected.
+export function collectConsoleErrors() {
+  const consoleError = console.error;
+  const logged = [];
+  console.error = (...args) => {
+    if (!String(args[0]).startsWith("react-test-renderer is deprecated")) logged.push(args);
+  };
+  process.on("exit", () => {
+    console.error = consoleError;
+  });
+  return logged;
+}
