@@ -76,7 +76,7 @@ async def upstream_generation(redis: aioredis.Redis, prompt: str, ours: str) -> 
     async for key in redis.scan_iter(match="fanline:*:meta", count=1000):
         gen_id = key.decode().split(":")[2]
         stored = await redis.hget(key, Meta.REQUEST)  # type: ignore[misc]
-        if gen_id != ours and stored is not None and orjson.loads(stored)["messages"][-1]["content"] == prompt:
+        if gen_id != ours and stored is not None and orjson.loads(stored)["messages"][-1].get("content") == prompt:
             found.append((gen_id, orjson.loads(stored)))
     assert len(found) == 1, f"the upstream ran {len(found)} generations for {prompt!r}"
     return found[0]
