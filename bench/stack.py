@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis
 
-from cli.valkey import EmbeddedValkey, free_port, spawn_logged
+from cli.valkey import EmbeddedValkey, free_port, spawn_logged, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -70,13 +70,7 @@ class Proc:
         return rss_kib(self.pid) if self.alive() else 0
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        stop_process(self.popen, timeout)
 
 
 @dataclass

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -32,7 +31,7 @@ from httpx_sse import aconnect_sse
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from cli.valkey import free_port, spawn_logged
+from cli.valkey import free_port, spawn_logged, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = ("completed", "failed", "cancelled")
@@ -55,17 +54,6 @@ def wait_http_ok(url: str, process: subprocess.Popen[bytes] | None = None, timeo
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
-
-
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    return process.returncode
 
 
 @dataclass
