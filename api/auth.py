@@ -28,6 +28,9 @@ from starlette.requests import HTTPConnection
 from shared.errors import Forbidden, Unauthorized
 from shared.settings import Settings
 
+GEN_HEADER = "X-Fanline-Generation-Id"
+WATCH_TOKEN_HEADER = "X-Fanline-Watch-Token"
+
 
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
@@ -85,6 +88,13 @@ class Auth:
             if self._is_key(candidate) or self.check_watch_token(candidate, gen_id):
                 return
         raise Forbidden("this key or watch token does not grant access to this generation", code="forbidden")
+
+    def creation_headers(self, gen_id: str) -> dict[str, str]:
+        """The headers of a response that created a generation: its id, and its watch token when auth is on."""
+        headers = {GEN_HEADER: gen_id}
+        if self.enabled:
+            headers[WATCH_TOKEN_HEADER] = self.watch_token(gen_id)
+        return headers
 
     def watch_token(self, gen_id: str) -> str:
         expiry = int(time.time() + self._ttl_s)

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
 from api import metrics, transports
-from api.auth import Auth
+from api.auth import GEN_HEADER, WATCH_TOKEN_HEADER, Auth
 from api.generations import Generation, Generations, check_size, parse_request
 from api.hub import Hub
 from api.transports.ndjson import NDJSON
@@ -27,16 +27,13 @@ from shared.settings import Settings
 
 router = APIRouter()
 
-GEN_HEADER = "X-Fanline-Generation-Id"
-WATCH_TOKEN_HEADER = "X-Fanline-Watch-Token"
-
 
 def _hub(request: Request | WebSocket) -> Hub:
     hub: Hub = request.app.state.hub
     return hub
 
 
-def _auth(conn: Request | WebSocket) -> Auth:
+def auth_of(conn: Request | WebSocket) -> Auth:
     auth: Auth = conn.app.state.auth
     return auth
 
@@ -85,12 +82,10 @@ def _cursor(generation: Generation, last_event_id: str | None) -> int:
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(request: Request) -> Response | transports.EventStreamResponse:
     started_at = time.monotonic()
-    owner = _auth(request).require_key(request)
+    owner = auth_of(request).require_key(request)
     body = await _read_request(request)
     gen_id = await _generations(request).create(body, owner)
-    headers = {GEN_HEADER: gen_id}
-    if _auth(request).enabled:
-        headers[WATCH_TOKEN_HEADER] = _auth(request).watch_token(gen_id)
+    headers = auth_of(request).creation_headers(gen_id)
     if body.stream:
         return transports.EventStreamResponse(_hub(request), gen_id, 0, SSE(), headers, started_at)
     return await _complete(request, gen_id, headers)
@@ -139,7 +134,7 @@ def _message(info: dict[str, Any]) -> dict[str, Any]:
 
 @router.post("/v1/generations", status_code=201)
 async def create_generation(request: Request) -> JSONResponse:
-    auth = _auth(request)
+    auth = auth_of(request)
     owner = auth.require_key(request)
     body = await _read_request(request)
     gen_id = await _generations(request).create(body, owner)
@@ -150,15 +145,15 @@ async def create_generation(request: Request) -> JSONResponse:
         "events_url": f"/v1/generations/{gen_id}/events",
         "ws_url": f"/v1/generations/{gen_id}/ws",
     }
-    headers = {GEN_HEADER: gen_id}
-    if auth.enabled:
-        created["watch_token"] = headers[WATCH_TOKEN_HEADER] = auth.watch_token(gen_id)
+    headers = auth.creation_headers(gen_id)
+    if WATCH_TOKEN_HEADER in headers:
+        created["watch_token"] = headers[WATCH_TOKEN_HEADER]
     return JSONResponse(created, status_code=201, headers=headers)
 
 
 @router.get("/v1/generations/{gen_id}")
 async def get_generation(request: Request, gen_id: str) -> Response:
-    _auth(request).require_read(request, gen_id)
+    auth_of(request).require_read(request, gen_id)
     return Response(orjson.dumps(await _generations(request).describe(gen_id)), media_type="application/json")
 
 
@@ -169,7 +164,7 @@ async def generation_events(request: Request, gen_id: str) -> transports.EventSt
 
 async def events_response(request: Request, gen_id: str) -> transports.EventStreamResponse:
     """Watch or resume (also served by api.app.Edge, outside FastAPI, as the hot path)."""
-    _auth(request).require_read(request, gen_id)
+    auth_of(request).require_read(request, gen_id)
     last_event_id = request.headers.get("last-event-id") or request.query_params.get("last_event_id")
     generation = await _generations(request).get(gen_id)
     cursor = _cursor(generation, last_event_id)
@@ -179,7 +174,7 @@ async def events_response(request: Request, gen_id: str) -> transports.EventStre
 
 @router.post("/v1/generations/{gen_id}/cancel", status_code=202)
 async def cancel_generation(request: Request, gen_id: str) -> JSONResponse:
-    owner = _auth(request).require_key(request)
+    owner = auth_of(request).require_key(request)
     status = await _generations(request).cancel(gen_id, owner)
     return JSONResponse({"id": gen_id, "object": "generation", "status": status}, status_code=202)
 
@@ -187,7 +182,7 @@ async def cancel_generation(request: Request, gen_id: str) -> JSONResponse:
 @router.websocket("/v1/generations/{gen_id}/ws")
 async def generation_ws(websocket: WebSocket, gen_id: str) -> None:
     generations = _generations(websocket)
-    auth = _auth(websocket)
+    auth = auth_of(websocket)
     try:
         auth.require_read(websocket, gen_id)
         generation = await generations.get(gen_id)
@@ -214,7 +209,7 @@ async def generation_ws(websocket: WebSocket, gen_id: str) -> None:
 
 @router.get("/metrics")
 async def metrics_endpoint(request: Request) -> Response:
-    _auth(request).require_key(request)
+    auth_of(request).require_key(request)
     settings: Settings = request.app.state.settings
     try:
         metrics.QUEUE_DEPTH.set(await request.app.state.queue.zcard(settings.queue_name))

@@ -23,10 +23,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from api import transports
-from api.auth import Auth
 from api.generations import Generations, parse_request
 from api.hub import Hub
-from api.routes import GEN_HEADER, WATCH_TOKEN_HEADER, read_body
+from api.routes import auth_of, read_body
 from api.transports import ai_sdk
 from shared import keys
 from shared.errors import Conflict, InvalidRequest, NotFound
@@ -124,16 +123,9 @@ def _completion_request(body: Any, settings: Settings) -> tuple[str, ChatComplet
     return chat_id, parse_request(orjson.dumps(request), settings)
 
 
-def _auth(request: Request) -> Auth:
-    auth: Auth = request.app.state.auth
-    return auth
-
-
 def _stream(request: Request, gen_id: str) -> transports.EventStreamResponse:
     hub: Hub = request.app.state.hub
-    headers = {GEN_HEADER: gen_id, **ai_sdk.HEADERS}
-    if _auth(request).enabled:
-        headers[WATCH_TOKEN_HEADER] = _auth(request).watch_token(gen_id)
+    headers = {**auth_of(request).creation_headers(gen_id), **ai_sdk.HEADERS}
     return transports.EventStreamResponse(hub, gen_id, 0, ai_sdk.UIMessageStream(gen_id), headers)
 
 
@@ -146,7 +138,7 @@ async def _latest(request: Request, owner: str, chat_id: str) -> str | None:
 async def ai_sdk_chat(request: Request) -> transports.EventStreamResponse:
     settings: Settings = request.app.state.settings
     generations: Generations = request.app.state.generations
-    owner = _auth(request).require_key(request)
+    owner = auth_of(request).require_key(request)
     raw = await read_body(request)
     try:
         body = orjson.loads(raw)
@@ -166,7 +158,7 @@ async def ai_sdk_resume(request: Request, chat_id: str) -> Response | transports
     is retained): a client that lost its connection just before the end must still
     get the end. The message id is stable, so the replay replaces the message.
     """
-    owner = _auth(request).require_key(request)
+    owner = auth_of(request).require_key(request)
     gen_id = await _latest(request, owner, chat_id)
     if gen_id is None:
         return Response(status_code=204)
@@ -181,7 +173,7 @@ async def ai_sdk_resume(request: Request, chat_id: str) -> Response | transports
 @router.post("/v1/ai-sdk/chat/{chat_id}/stop")
 async def ai_sdk_stop(request: Request, chat_id: str) -> JSONResponse:
     """Cancels the chat's latest answer; its stream ends with finishReason "other" (fanline: "cancelled")."""
-    owner = _auth(request).require_key(request)
+    owner = auth_of(request).require_key(request)
     gen_id = await _latest(request, owner, chat_id)
     if gen_id is None:
         raise NotFound(f"chat {chat_id} has no generation", code="chat_not_found")
