@@ -5,7 +5,11 @@ SSE ``data:`` lines of JSON chunks, then ``data: [DONE]``:
     start {messageId, messageMetadata: {generationId}}   ─┐ the preamble,
     start-step                                           ─┘ sent at once
     reasoning-start / reasoning-delta… / reasoning-end      delta.reasoning_content (or .reasoning)
-    text-start / text-delta… / text-end                     delta.content
+    text-start / text-delta… / text-end                     delta.content, and delta.refusal (the refusal is
+                                                            the answer the user reads; the SDK has no part for it)
+    tool-input-start / tool-input-delta…                    delta.tool_calls: a call's first fragment (id, name),
+    tool-input-available {input}  (or tool-input-error)     then its argument fragments; the parsed arguments
+                                                            once the choice finishes
     error {errorText}                                       a terminal error event, or a drain hint
     finish-step, finish {finishReason, messageMetadata}     at the end event
     [DONE]
@@ -21,6 +25,7 @@ viewers, so this costs nothing the hub's fan-out would save.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -48,6 +53,13 @@ def message_id(gen_id: str) -> str:
     return f"msg-{gen_id}"
 
 
+@dataclass(slots=True)
+class _ToolCall:
+    id: str
+    name: str
+    arguments: str = ""
+
+
 def _data(chunk: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
 
@@ -67,6 +79,7 @@ class UIMessageStream:
         ) + _data({"type": "start-step"})
         self._open: str | None = None  # "text" | "reasoning"
         self._part_id = ""
+        self._tools: dict[int, _ToolCall] = {}  # by the delta's tool call index, until the choice finishes
         self._parts = 0
         self._finish_reason: str | None = None
         self._usage: dict[str, Any] | None = None
@@ -92,12 +105,16 @@ class UIMessageStream:
                 reasoning = delta.get("reasoning")
             if isinstance(reasoning, str) and reasoning:
                 out += self._delta("reasoning", reasoning)
-            content = delta.get("content")
-            if isinstance(content, str) and content:
-                out += self._delta("text", content)
+            for field in ("content", "refusal"):
+                text = delta.get(field)
+                if isinstance(text, str) and text:
+                    out += self._delta("text", text)
+            for call in delta.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    out += self._tool_delta(call)
             if choice.get("finish_reason"):
                 self._finish_reason = choice["finish_reason"]
-                out += self._close()
+                out += self._close() + self._tools_available()
         return out
 
     def error(self, exc: HistoryGone) -> bytes:
@@ -118,6 +135,39 @@ class UIMessageStream:
             out += _data({"type": f"{kind}-start", "id": self._part_id})
         return out + _data({"type": f"{kind}-delta", "id": self._part_id, "delta": text})
 
+    def _tool_delta(self, call: dict[str, Any]) -> bytes:
+        """OpenAI streams a tool call as fragments sharing an ``index``: the first carries the call's
+        id and function name, the rest pieces of the JSON arguments."""
+        index = call.get("index", 0)
+        function = call.get("function") or {}
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        out = b""
+        tool = self._tools.get(index)
+        if tool is None:
+            out += self._close()
+            name = function.get("name") if isinstance(function, dict) else None
+            tool = self._tools[index] = _ToolCall(str(call.get("id") or f"call-{self.gen_id}-{index}"), str(name or ""))
+            out += _data({"type": "tool-input-start", "toolCallId": tool.id, "toolName": tool.name})
+        if isinstance(arguments, str) and arguments:
+            tool.arguments += arguments
+            out += _data({"type": "tool-input-delta", "toolCallId": tool.id, "inputTextDelta": arguments})
+        return out
+
+    def _tools_available(self) -> bytes:
+        out = b""
+        for tool in self._tools.values():
+            chunk: dict[str, Any] = {"toolCallId": tool.id, "toolName": tool.name}
+            try:
+                chunk["input"] = orjson.loads(tool.arguments or "{}")
+                chunk["type"] = "tool-input-available"
+            except orjson.JSONDecodeError:
+                chunk["input"] = tool.arguments
+                chunk["type"] = "tool-input-error"
+                chunk["errorText"] = "the model's tool call arguments are not valid JSON"
+            out += _data(chunk)
+        self._tools.clear()
+        return out
+
     def _close(self) -> bytes:
         if self._open is None:
             return b""
@@ -131,6 +181,7 @@ class UIMessageStream:
         reason = "error" if self._failed else FINISH_REASONS.get(self._finish_reason or "", "other")
         return (
             self._close()
+            + self._tools_available()
             + _data({"type": "finish-step"})
             + _data({"type": "finish", "finishReason": reason, "messageMetadata": metadata})
             + b"data: [DONE]\n\n"

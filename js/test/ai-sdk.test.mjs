@@ -97,6 +97,36 @@ test("readUIMessageStream consumes an answer with reasoning; the resume endpoint
   assert.equal(await transport.reconnectToStream({ chatId: newChatId() }), null, "no answer: 204");
 });
 
+test("a tool call streams as a tool part whose input is the parsed arguments", async () => {
+  const tools = [{ type: "function", function: { name: "search", parameters: { type: "object" } } }];
+  const transport = new DefaultChatTransport({ api: API(), body: { max_tokens: 4, tools } });
+  const chatId = newChatId();
+  const stream = await transport.sendMessages({
+    chatId,
+    messages: [userMessage("look it up")],
+    trigger: "submit-message",
+    messageId: undefined,
+    abortSignal: undefined,
+  });
+  const message = await lastMessage(stream);
+  const info = await generation(baseUrl(), message.metadata.generationId);
+  assert.equal(info.finish_reason, "tool_calls");
+  assert.deepEqual(
+    message.parts.map((p) => p.type),
+    ["step-start", "text", "tool-search"],
+  );
+  assert.equal(textOf(message), info.content);
+  const [call] = info.tool_calls;
+  const part = message.parts.at(-1);
+  assert.equal(part.state, "input-available");
+  assert.equal(part.toolCallId, call.id);
+  assert.deepEqual(part.input, JSON.parse(call.function.arguments));
+  assert.equal(message.metadata.finishReason, "tool_calls");
+
+  const replay = await lastMessage(await transport.reconnectToStream({ chatId }));
+  assert.deepEqual(replay, message, "a replay carries the same tool call");
+});
+
 test("a stream cut off mid-answer is resumed by reconnectToStream, exactly", async () => {
   const transport = new DefaultChatTransport({ api: API(), body: { max_tokens: 300 } });
   const chatId = newChatId();
