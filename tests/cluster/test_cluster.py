@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -68,13 +69,18 @@ def cluster_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterS
         yield started
 
 
+def command(client: redis.Redis, *args: str) -> Any:
+    """A raw command on the sync client (redis-py leaves ``execute_command`` untyped)."""
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def _owner_port(cluster: EmbeddedCluster, gen_id: str) -> int:
     """The port of the master that serves the slot of the generation's keys, as the cluster says."""
     slot = key_slot(keys.events_key(gen_id).encode())
     for node in cluster.nodes:
         client = redis.Redis(port=node.port)
         try:
-            for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+            for start, end, master, *_ in command(client, "CLUSTER", "SLOTS"):
                 if start <= slot <= end:
                     return int(master[1])
         except redis.ConnectionError:
@@ -181,9 +187,9 @@ def _wait_for_promotion(cluster: EmbeddedCluster, dead_port: int, timeout: float
     deadline = time.monotonic() + timeout
     try:
         while True:
-            lines = client.execute_command("CLUSTER", "NODES").decode().splitlines()
+            lines = command(client, "CLUSTER", "NODES").decode().splitlines()
             dead = next(line for line in lines if f":{dead_port}@" in line)
-            served = b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO")
+            served = b"cluster_state:ok" in command(client, "CLUSTER", "INFO")
             if served and "fail" in dead.split()[2].split(","):
                 return
             assert time.monotonic() < deadline, f"the replica was not promoted within {timeout} s"
@@ -207,14 +213,14 @@ def _hold_failover_until_the_generation_looks_lost(replica: EmbeddedValkey, gen_
     try:
         # Reads on a replica while its master's slots are down (only for this test's look).
         client.config_set("cluster-allow-reads-when-down", "yes")
-        client.execute_command("READONLY")
+        command(client, "READONLY")
         while True:
-            heartbeat = float(client.hget(keys.meta_key(gen_id), keys.Meta.HEARTBEAT) or 0)
+            heartbeat = float(command(client, "HGET", keys.meta_key(gen_id), keys.Meta.HEARTBEAT) or 0)
             if time.time() - heartbeat > settings.worker_lost_after_s + settings.reap_interval_s:
                 break
             assert time.monotonic() < deadline, "the heartbeat did not go stale"
             time.sleep(0.1)
-        client.execute_command("CLUSTER", "FAILOVER", "FORCE")
+        command(client, "CLUSTER", "FAILOVER", "FORCE")
     finally:
         client.close()
 

@@ -26,9 +26,9 @@ import pytest
 from httpx_sse import aconnect_sse
 from websockets.asyncio.client import connect
 
-from cli.valkey import EmbeddedValkey, die_with_parent, free_port
+from cli.valkey import EmbeddedValkey, die_with_parent, free_port, stop_process
 from tests.deploy import nginx_args, render_nginx_conf
-from tests.support import Received, Stack, chat_body, generation, read_sse, stop_process, wait_http_ok
+from tests.support import Received, Stack, chat_body, generation, read_sse, wait_http_ok
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "deploy-load-balancer"
 

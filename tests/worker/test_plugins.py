@@ -11,9 +11,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.valkey import stop_process
 from tests.conftest import OUTPUT, StackFactory
 from tests.plugins.shout import shout
-from tests.support import Stack, chat_body, generation, read_sse, spawn, stop_process
+from tests.support import Stack, chat_body, generation, read_sse, spawn
 from worker.generators import load_generator
 from worker.generators.demo import demo
 from worker.generators.openai import openai
