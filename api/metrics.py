@@ -13,6 +13,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from shared.metrics import REDIS_ERRORS as REDIS_ERRORS  # counted by API pods and workers alike
+
 VIEWERS = Gauge("fanline_viewers", "Viewers connected to this pod", ["transport"])
 
 # Events written to viewers, by transport: plain ints on the hot path (a prometheus
@@ -30,7 +32,7 @@ class _DeliveredCollector(Collector):
 
 REGISTRY.register(_DeliveredCollector())
 RESUMES = Counter("fanline_resumes_total", "Streams started after a Last-Event-ID", ["transport"])
-GENERATIONS_CREATED = Counter("fanline_generations_created_total", "Generations started through this pod")
+GENERATIONS_STARTED = Counter("fanline_generations_started_total", "Generations started through this pod")
 TIME_TO_FIRST_TOKEN = Histogram(
     "fanline_time_to_first_token_seconds",
     "From a streaming chat completion request to its first event written",
@@ -46,5 +48,4 @@ HUB_HISTORY_READS = Counter("fanline_hub_history_reads_total", "XRANGE history r
 HUB_TOPICS = Gauge("fanline_hub_topics", "Generations watched on this pod")
 SLOW_VIEWER_CUTOFFS = Counter("fanline_slow_viewer_cutoffs_total", "Viewers cut off for accepting no bytes")
 DRAIN_HINTS = Counter("fanline_reconnect_hints_total", "Streams closed with a reconnect hint (drain)")
-REDIS_ERRORS = Counter("fanline_redis_errors_total", "Redis errors seen by this process", ["where"])
 QUEUE_DEPTH = Gauge("fanline_queue_depth", "Jobs waiting in the arq queue (read at scrape time)")

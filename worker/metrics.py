@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
+from shared.metrics import REDIS_ERRORS as REDIS_ERRORS  # counted by API pods and workers alike
+
 GENERATIONS = Counter("fanline_generations_total", "Generations that ended, by status", ["status"])
 GENERATION_DURATION = Histogram(
     "fanline_generation_duration_seconds",
@@ -17,4 +19,3 @@ FIRST_TOKEN = Histogram(
 )
 EVENTS_PUBLISHED = Counter("fanline_events_published_total", "Stream entries written")
 PUBLISH_WRITES = Counter("fanline_publish_writes_total", "Publish round trips (each may carry several entries)")
-REDIS_ERRORS = Counter("fanline_redis_errors_total", "Redis errors seen by this process", ["where"])

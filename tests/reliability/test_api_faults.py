@@ -152,7 +152,7 @@ async def test_draining_pod_refuses_new_requests_and_never_answers_a_waiting_com
         )
 
         async def accepted() -> bool:
-            return "fanline_generations_created_total 1.0" in (await client.get("/metrics")).text
+            return "fanline_generations_started_total 1.0" in (await client.get("/metrics")).text
 
         await wait_until(accepted, "the victim to accept the completion request")
         victim.send_signal(signal.SIGTERM)
