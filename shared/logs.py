@@ -74,6 +74,10 @@ def configure(settings: Settings) -> None:
     root.setLevel(settings.log_level.upper())
     # Library chatter a user does not need; uvicorn's access lines stay (with request ids).
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    # arq logs two lines per job, which fanline's own "generation … completed" line repeats
+    # (~7 % of a worker's CPU on short generations); they stay at debug level.
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("arq.worker").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "arq"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

@@ -142,8 +142,8 @@ async def test_worker_sigterm_within_its_grace_finishes_the_generation_and_takes
     await wait_until(lambda: len(sse.ids) >= 3, "the viewer to get 3 events")
 
     worker.send_signal(signal.SIGTERM)
-    # arq's own line once its handler ran (arq 0.28): from then on it takes no job.
-    await wait_until(lambda: "allow_pick_jobs" in log_path.read_text(), "the worker to handle SIGTERM")
+    # The worker's line once its handler ran: from then on it takes no job.
+    await wait_until(lambda: "SIGTERM: draining" in log_path.read_text(), "the worker to handle SIGTERM")
     later = await create_at(api0, prompt="after the signal", max_tokens=5)
     async with asyncio.timeout(15):
         await viewer
