@@ -5,8 +5,8 @@ would add up to half a second before the first token. The API publishes on
 ``fanline:wake`` after enqueueing; every worker listens on that channel and runs
 arq's poll at once, so a job starts within a few milliseconds. The normal poll
 stays as the fallback (a missed message costs at most one poll delay). Starting
-the same job twice is impossible: arq guards each job with a WATCH/MULTI on its
-in-progress key.
+the same job twice is impossible: a claim sets the job's in-progress key only if
+it is not set, in one script (_CLAIM), as arq's WATCH/MULTI does.
 """
 
 from __future__ import annotations
