@@ -9,6 +9,7 @@ use ``stack`` run once per backend.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -65,6 +66,7 @@ def stack_factory(redis_url: str) -> Iterator[StackFactory]:
         if shared and key in started:
             return started[key]
         log_dir = OUTPUT / f"stack-{backend}-{len(started)}"
+        shutil.rmtree(log_dir, ignore_errors=True)  # a previous run's lines would mislead tests that read logs
         stack = Stack(redis_url, log_dir, {f"FANLINE_{k.upper()}": v for k, v in env.items()})
         stack.start(apis=apis, workers=workers)
         started[key if shared else (*key, ("n", str(len(started))))] = stack

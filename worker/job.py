@@ -93,6 +93,7 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
         pipe.hset(meta_key, mapping={Meta.STATUS: "running", Meta.HEARTBEAT: str(int(now))})
         pipe.zadd(keys.RUNNING, {gen_id: now})
         await pipe.execute()
+    log.info("generation %s started", gen_id)
 
     started = time.monotonic()
 

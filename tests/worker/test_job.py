@@ -142,3 +142,20 @@ async def test_keys_expire_after_the_retention_period(stack_factory: StackFactor
     for key in keys.generation_keys(gen_id):
         assert await redis.exists(key) == 1, key
         assert 0 < await redis.ttl(key) <= 60, key
+
+
+async def test_two_workers_woken_together_run_each_of_40_jobs_exactly_once(stack_factory: StackFactory) -> None:
+    """The claim (worker/main.py, one script per job) replaced arq's WATCH/MULTI: both workers
+    get every wake message and poll the same queue at once, and still no job runs twice."""
+    stack = stack_factory(apis=1, workers=2, demo_tokens_per_s="200", log_level="info")
+    async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
+        gen_ids = await asyncio.gather(*(create(client, prompt=f"claim {n}", max_tokens=5) for n in range(40)))
+        for gen_id in gen_ids:
+            info = await wait_finished(client, gen_id)
+            assert info["status"] == "completed" and len(info["content"].split()) == 5
+    logs = [(stack.log_dir / f"worker{n}.log").read_text() for n in range(2)]
+    starts = {gen_id: sum(log.count(f"generation {gen_id} started") for log in logs) for gen_id in gen_ids}
+    assert set(starts.values()) == {1}, starts
+    assert all(log.count(" started") >= 5 for log in logs), "both workers should have taken jobs"
+    # A job claimed twice is refused by arq's retry count ("max retries 1 exceeded", "job … expired").
+    assert not [line for log in logs for line in log.splitlines() if "WARNING arq" in line]
