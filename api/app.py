@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 
 from arq.connections import RedisSettings, create_pool
 from fastapi import FastAPI
-from redis.exceptions import RedisError
 from starlette.datastructures import State
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -24,7 +23,7 @@ from api.errors import error_response
 from api.generations import Generations
 from api.hub import Hub
 from api.routes import events_response, router
-from shared.connections import events_redis
+from shared.connections import UNAVAILABLE, events_redis
 from shared.errors import FanlineError, Unavailable
 from shared.logs import gen_id_var, request_id_var
 from shared.reaper import Reaper
@@ -81,7 +80,7 @@ class Edge:
                 response = await events_response(Request(scope, receive), match.group(1))
             except FanlineError as exc:
                 response = error_response(exc)
-            except RedisError:
+            except UNAVAILABLE:
                 response = error_response(Unavailable("Redis is unavailable; retry shortly", code="redis_unavailable"))
         if response is not None:
             response.raw_headers.append(id_header)
@@ -105,7 +104,7 @@ def create_app(settings: Settings | None = None) -> Edge:
         queue = await create_pool(RedisSettings.from_dsn(settings.queue_url), default_queue_name=settings.queue_name)
         hub = Hub(redis, settings)
         await hub.start()
-        reaper = Reaper(redis, settings)
+        reaper = Reaper(redis, queue, settings)
         reaper.start()
         app.state.settings = settings
         app.state.redis = redis

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
+from shared.connections import UNAVAILABLE
 from shared.errors import FanlineError, InvalidRequest, NotFound, RateLimited, Unavailable
 
 log = logging.getLogger("fanline.api")
@@ -42,10 +42,12 @@ def install(app: FastAPI) -> None:
         error.type = "invalid_request_error" if exc.status_code < 500 else "server_error"
         return error_response(error, headers=exc.headers)
 
-    @app.exception_handler(RedisError)
-    async def redis_error(request: Request, exc: RedisError) -> JSONResponse:
+    async def redis_error(request: Request, exc: Exception) -> JSONResponse:
         log.warning("redis error on %s: %s", request.url.path, exc)
         return error_response(Unavailable("Redis is unavailable; retry shortly", code="redis_unavailable"))
+
+    for unavailable in UNAVAILABLE:
+        app.add_exception_handler(unavailable, redis_error)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -31,6 +31,7 @@ from redis.exceptions import RedisError
 
 from api import metrics
 from shared import keys
+from shared.connections import UNAVAILABLE
 from shared.errors import Conflict
 from shared.events import END, ERROR, Event, error_payload
 from shared.ids import event_id
@@ -143,6 +144,11 @@ class HistoryGone(Conflict):
 
 class Draining(Exception):
     """This pod is shutting down: the viewer should reconnect (to another pod) and resume."""
+
+
+# What ends a stream with a reconnect hint (the viewer resumes, here or on another pod):
+# this pod draining, or Redis unreachable when the viewer needs it (history).
+RECONNECT_ON: tuple[type[Exception], ...] = (Draining, *UNAVAILABLE)
 
 
 # KEYS: meta. Refreshes viewed_at only on a generation that still exists (a bare
@@ -318,7 +324,7 @@ class Hub:
                     for topic in watched:
                         pipe.eval(_TOUCH, 1, keys.meta_key(topic.gen_id), f"{now:.3f}")
                     exists = await pipe.execute()
-            except RedisError as exc:
+            except UNAVAILABLE as exc:
                 log.warning("refreshing viewed_at: %s", exc)
                 continue
             for topic, found in zip(watched, exists, strict=True):
@@ -406,7 +412,7 @@ class _Reader:
                         raise  # the hub is stopping
                     self._client_id = None  # the cancelled read dropped its connection
                     continue  # a new topic interrupted the read
-                except RedisError as exc:
+                except UNAVAILABLE as exc:
                     self._client_id = None  # a new connection will have a new id
                     metrics.REDIS_ERRORS.labels("hub").inc()
                     log.warning("hub reader: %s; retrying in %.2f s", exc, backoff)

@@ -29,9 +29,9 @@ from __future__ import annotations
 import logging
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from shared import keys
+from shared.connections import UNAVAILABLE
 from shared.errors import RateLimited
 from shared.keys import Meta
 from shared.settings import Settings
@@ -112,7 +112,7 @@ class Limits:
                 pipe.zrem(keys.key_live_key(owner), gen_id)
                 pipe.zrem(keys.key_recent_key(owner), gen_id)
                 await pipe.execute()
-        except RedisError as exc:  # the entries go stale by themselves
+        except UNAVAILABLE as exc:  # the entries go stale by themselves
             log.warning("could not release the limits entry of generation %s: %s", gen_id, exc)
 
     async def _check(self, owner: str, gen_id: str) -> tuple[bytes, int, int]:

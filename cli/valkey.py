@@ -167,6 +167,8 @@ class EmbeddedCluster(_Server):
                 "--cluster-config-file", "nodes.conf",
                 "--cluster-port", str(self.bus_ports[-1]),
                 "--cluster-node-timeout", "2000",
+                # As the README advises for production: while one shard fails over, the others serve.
+                "--cluster-require-full-coverage", "no",
                 "--repl-diskless-sync-delay", "0",
             ]  # fmt: skip
             self.nodes.append(EmbeddedValkey(self.data_dir / f"node{i}", persistent=False, extra_args=args))

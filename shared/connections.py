@@ -6,8 +6,14 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from shared.settings import Settings
+
+# What an unreachable Redis raises: redis-py's errors, and the cluster client's own
+# exception tree, which is not a RedisError ("cannot connect to any startup node",
+# "slot not covered") — seen while a Cluster node fails over. Every retry loop catches both.
+UNAVAILABLE: tuple[type[Exception], ...] = (RedisError, RedisClusterException)
 
 # Blocking reads (XREAD BLOCK) must finish well inside the socket timeout, or an
 # idle reader is cut off by its own client.

@@ -80,7 +80,8 @@ def key_recent_key(owner: str) -> str:
 RATE_WINDOW_S = 60
 
 # Generations being run, scored by their worker's last heartbeat (unix seconds):
-# what the reaper (shared/reaper.py) scans for dead workers.
+# what the reaper (shared/reaper.py) scans for dead workers. On the *queue* Redis,
+# apart from the generations' own keys, so a Cluster node's failover does not stop it.
 RUNNING = f"{PREFIX}:running"
 
 # Pub/sub channels on the queue Redis. WAKE tells workers a job was enqueued (so

@@ -1,10 +1,13 @@
 """The reaper: ends generations whose worker died, so no viewer hangs (Guarantee 4).
 
-A worker refreshes its generation's heartbeat every ``worker_heartbeat_s`` and keeps
-it in the ``fanline:running`` sorted set (score: heartbeat time). Every API pod and
-every worker runs a reaper that looks for entries older than ``worker_lost_after_s``
-and, in one Lua script per generation (atomic; its keys share one hash tag), checks
-that it is still running with a stale heartbeat, appends an error event
+Every ``worker_heartbeat_s`` a worker writes, for each of its generations, its
+liveness in the ``fanline:running`` sorted set (score: time) on the queue Redis, and
+the generation's heartbeat in its metadata on the events Redis. On a Cluster the
+liveness therefore goes on while the generation's node fails over; before, a reaper
+that never touched that node took the outage for a dead worker. Every API pod and every worker runs a
+reaper that looks for entries older than ``worker_lost_after_s`` and, in one Lua
+script per generation (atomic; its keys share one hash tag), checks that it is still
+running with a stale heartbeat too, appends an error event
 (``code: "worker_lost"``) and the end, marks it failed and sets its expiry.
 Several reapers racing is harmless: the script acts once.
 """
@@ -18,9 +21,9 @@ import time
 import orjson
 import redis.asyncio as aioredis
 from prometheus_client import Counter
-from redis.exceptions import RedisError
 
 from shared import events, keys
+from shared.connections import UNAVAILABLE
 from shared.settings import Settings
 
 log = logging.getLogger("fanline.reaper")
@@ -47,8 +50,9 @@ WORKER_LOST_MESSAGE = "the worker running this generation stopped responding"
 
 
 class Reaper:
-    def __init__(self, redis: aioredis.Redis, settings: Settings) -> None:
-        self._redis = redis
+    def __init__(self, redis: aioredis.Redis, queue: aioredis.Redis, settings: Settings) -> None:
+        self._redis = redis  # the events Redis (or cluster)
+        self._queue = queue  # the queue Redis, with the running set
         self._settings = settings
         self._script = redis.register_script(_FAIL_IF_STALE)
         self.task: asyncio.Task[None] | None = None
@@ -72,15 +76,15 @@ class Reaper:
                 if time.monotonic() - healthy_since >= self._settings.worker_lost_after_s:
                     await self.reap_once()
                 else:
-                    await self._redis.ping()
-            except RedisError as exc:
+                    await asyncio.gather(self._redis.ping(), self._queue.ping())
+            except UNAVAILABLE as exc:
                 healthy_since = time.monotonic()
                 log.warning("reaper: %s", exc)
 
     async def reap_once(self) -> int:
         """Fails every stale generation; returns how many this call failed."""
         deadline = time.time() - self._settings.worker_lost_after_s
-        stale = await self._redis.zrangebyscore(keys.RUNNING, "-inf", deadline, start=0, num=100)
+        stale = await self._queue.zrangebyscore(keys.RUNNING, "-inf", deadline, start=0, num=100)
         failed = 0
         for member in stale:
             gen_id = member.decode()
@@ -96,7 +100,7 @@ class Reaper:
                     self._settings.retention_s,
                 ],
             )
-            await self._redis.zrem(keys.RUNNING, gen_id)
+            await self._queue.zrem(keys.RUNNING, gen_id)
             if done:
                 failed += 1
                 REAPED.inc()

@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
 
 from shared import keys
+from shared.connections import UNAVAILABLE
 from shared.errors import GenerationFailed
 from shared.keys import Meta
 from shared.logs import gen_id_var
@@ -65,6 +65,7 @@ class Disowned(Exception):
 async def generate(ctx: dict[str, Any], gen_id: str) -> str:
     settings: Settings = ctx["settings"]
     redis: aioredis.Redis = ctx["events_redis"]
+    queue: aioredis.Redis = ctx["redis"]  # arq's pool on the queue Redis: the running set lives there
     generator: Generator = ctx["generator"]
     running: Running = ctx["running"]
 
@@ -89,10 +90,10 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
     gen_ctx = GenerationContext(gen_id=gen_id, settings=settings)
 
     now = time.time()
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hset(meta_key, mapping={Meta.STATUS: "running", Meta.HEARTBEAT: str(int(now))})
-        pipe.zadd(keys.RUNNING, {gen_id: now})
-        await pipe.execute()
+    await asyncio.gather(
+        redis.hset(meta_key, mapping={Meta.STATUS: "running", Meta.HEARTBEAT: str(int(now))}),  # type: ignore[arg-type]
+        queue.zadd(keys.RUNNING, {gen_id: now}),
+    )
     log.info("generation %s started", gen_id)
 
     started = time.monotonic()
@@ -123,89 +124,115 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
 
     cancelled = meta.get(Meta.CANCEL.encode()) == b"1"
     error: tuple[str, str] | None = None
-    if not cancelled:
-        task = asyncio.create_task(produce(), name=f"generate-{gen_id}")
-        running.tasks[gen_id] = task
-        keepalive = asyncio.create_task(_keepalive(redis, settings, gen_id, task, publisher))
-        try:
-            await task
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if publisher.disowned:
+    keepalive: asyncio.Task[None] | None = None
+    try:
+        if not cancelled:
+            task = asyncio.create_task(produce(), name=f"generate-{gen_id}")
+            running.tasks[gen_id] = task
+            # Until the generation has ended, not just its producer: the last writes may
+            # wait for Redis (an outage, a failover), and a generation without a heartbeat
+            # meanwhile would be failed as worker_lost the moment Redis is back.
+            keepalive = asyncio.create_task(_keepalive(redis, queue, settings, gen_id, task, publisher))
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if publisher.disowned:
+                    log.warning("generation %s: no longer ours (reaped or lost by Redis); stopping", gen_id)
+                    return "disowned"
+                if current is not None and current.cancelling():
+                    # The worker is stopping and its grace period is over: say so to the viewers.
+                    await _end_on_shutdown(publisher, redis, queue, gen_id, owner)
+                    raise
+                cancelled = True
+            except Disowned:
                 log.warning("generation %s: no longer ours (reaped or lost by Redis); stopping", gen_id)
                 return "disowned"
-            if current is not None and current.cancelling():
-                # The worker is stopping and its grace period is over: say so to the viewers.
-                await _end_on_shutdown(publisher, redis, gen_id, owner)
-                raise
-            cancelled = True
-        except Disowned:
-            log.warning("generation %s: no longer ours (reaped or lost by Redis); stopping", gen_id)
-            return "disowned"
-        except GenerationFailed as exc:
-            error = (exc.message, exc.code)
-        except Exception as exc:
-            log.exception("generation %s failed", gen_id)
-            error = (f"generation failed: {type(exc).__name__}", "generation_failed")
-        finally:
-            running.tasks.pop(gen_id, None)
+            except GenerationFailed as exc:
+                error = (exc.message, exc.code)
+            except Exception as exc:
+                log.exception("generation %s failed", gen_id)
+                error = (f"generation failed: {type(exc).__name__}", "generation_failed")
+            finally:
+                running.tasks.pop(gen_id, None)
+
+        if error is not None:
+            status = "failed"
+            await publisher.fail(*error, usage=gen_ctx.usage)
+        else:
+            status = "cancelled" if cancelled else "completed"
+            finish_reason = "cancelled" if cancelled else gen_ctx.finish_reason
+            await publisher.finish(status, finish_reason, gen_ctx.usage, request.include_usage)
+    finally:
+        if keepalive is not None:
             keepalive.cancel()
             await asyncio.gather(keepalive, return_exceptions=True)
-
-    if error is not None:
-        status = "failed"
-        await publisher.fail(*error, usage=gen_ctx.usage)
-    else:
-        status = "cancelled" if cancelled else "completed"
-        finish_reason = "cancelled" if cancelled else gen_ctx.finish_reason
-        await publisher.finish(status, finish_reason, gen_ctx.usage, request.include_usage)
-    await _ended(redis, gen_id, status, owner)
+    await _ended(redis, queue, gen_id, status, owner)
     metrics.GENERATION_DURATION.observe(time.monotonic() - started)
     log.info("generation %s %s after %d events", gen_id, status, publisher.seq)
     return status
 
 
-async def _ended(redis: aioredis.Redis, gen_id: str, status: str, owner: str = "") -> None:
+async def _ended(redis: aioredis.Redis, queue: aioredis.Redis, gen_id: str, status: str, owner: str = "") -> None:
     """After the end (whose write also set the outcome and the expiry): off the reaper's list,
     and off its API key's live generations (the per-key concurrency limit, api/limits.py)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.zrem(keys.RUNNING, gen_id)
-        if owner:
-            pipe.zrem(keys.key_live_key(owner), gen_id)
-        await pipe.execute()
+    await queue.zrem(keys.RUNNING, gen_id)
+    if owner:
+        await redis.zrem(keys.key_live_key(owner), gen_id)
     metrics.GENERATIONS.labels(status).inc()
 
 
-async def _end_on_shutdown(publisher: Publisher, redis: aioredis.Redis, gen_id: str, owner: str) -> None:
+async def _end_on_shutdown(
+    publisher: Publisher, redis: aioredis.Redis, queue: aioredis.Redis, gen_id: str, owner: str
+) -> None:
     message = "the worker was stopped before this generation finished"
     try:
         async with asyncio.timeout(_SHUTDOWN_WRITE_S):
             await asyncio.shield(publisher.fail(message, "worker_shutdown"))
-            await _ended(redis, gen_id, "failed", owner)
+            await _ended(redis, queue, gen_id, "failed", owner)
     except Exception as exc:  # the reaper will end it as worker_lost instead
         log.warning("generation %s: could not write its shutdown error: %s", gen_id, exc)
 
 
 async def _keepalive(
     redis: aioredis.Redis,
+    queue: aioredis.Redis,
     settings: Settings,
     gen_id: str,
     task: asyncio.Task[None],
     publisher: Publisher,
 ) -> None:
-    """Heartbeat for the reaper; the cancel flag and idle-viewer cancel, for a generator that is quiet."""
+    """Heartbeat for the reaper until the generation has ended (its last writes included); the
+    cancel flag and idle-viewer cancel, for a generator that is quiet."""
     meta_key = keys.meta_key(gen_id)
     beat = redis.register_script(_BEAT)
-    while not task.done():
+    while True:  # until the generation has ended: generate() cancels it
         await asyncio.sleep(settings.worker_heartbeat_s)
         now = time.time()
-        try:
-            status, cancel, viewed_at = await beat(keys=[meta_key], args=[int(now)])
-            await redis.zadd(keys.RUNNING, {gen_id: now})
-        except RedisError as exc:  # Redis away for a moment: beat again next time
-            metrics.REDIS_ERRORS.labels("heartbeat").inc()
-            log.warning("generation %s: heartbeat failed: %s", gen_id, exc)
-            continue
+        # Two writes, independent: the worker's liveness in the running set on the queue
+        # Redis (what reapers read), and the generation's own heartbeat on the events Redis.
+        # On a Cluster, a failover of the generation's node must not stop the liveness: a
+        # reaper that never talked to that node cannot tell the outage from a dead worker.
+        # Each is bounded: during a failover redis-py's cluster client can keep a command
+        # waiting for seconds, and the next liveness write must not wait for it.
+        bound = settings.worker_heartbeat_s
+        results: tuple[Any, ...] = await asyncio.gather(
+            asyncio.wait_for(queue.zadd(keys.RUNNING, {gen_id: now}), bound),
+            asyncio.wait_for(beat(keys=[meta_key], args=[int(now)]), bound),
+            return_exceptions=True,
+        )
+        alive, beaten = results
+        for result in (alive, beaten):
+            if isinstance(result, (TimeoutError, *UNAVAILABLE)):
+                metrics.REDIS_ERRORS.labels("heartbeat").inc()
+                log.warning("generation %s: heartbeat failed: %r", gen_id, result)
+            elif isinstance(result, BaseException):
+                raise result
+        if isinstance(beaten, BaseException):
+            continue  # Redis away for a moment: beat again next time
+        status, cancel, viewed_at = beaten
+        if task.done():
+            continue  # the producer has finished; only the last writes are left
         if status != b"running":
             publisher.disowned = True
             task.cancel()
@@ -215,5 +242,4 @@ async def _keepalive(
             if idle:
                 log.info("generation %s: no viewer for %.0f s, cancelling", gen_id, settings.idle_cancel_s)
             publisher.cancel_requested = True
-            task.cancel()
-            return
+            task.cancel()  # and beat on while the cancelled generation's end is written

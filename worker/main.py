@@ -181,7 +181,7 @@ def build_worker(settings: Settings) -> Worker:
         listener = _Listener(worker, queue_redis(settings, pubsub=True), running)
         listener.task = asyncio.create_task(listener.run(), name="wake-listener")
         state["listener"] = listener
-        reaper = Reaper(ctx["events_redis"], settings)
+        reaper = Reaper(ctx["events_redis"], ctx["redis"], settings)
         reaper.start()
         state["reaper"] = reaper
         if settings.worker_metrics_port:

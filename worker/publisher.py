@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import events, keys
@@ -222,7 +223,7 @@ class Publisher:
                 metrics.PUBLISH_WRITES.inc()
                 metrics.EVENTS_PUBLISHED.inc(len(entries))
                 return
-            except (RedisConnectionError, RedisTimeoutError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, RedisClusterException) as exc:
                 metrics.REDIS_ERRORS.labels("publish").inc()
                 if time.monotonic() > deadline:
                     raise

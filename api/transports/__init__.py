@@ -12,12 +12,11 @@ import logging
 import time
 from typing import Any, Protocol
 
-from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from api import metrics
-from api.hub import Draining, HistoryGone, Hub
+from api.hub import RECONNECT_ON, HistoryGone, Hub
 from shared.events import Event
 
 log = logging.getLogger("fanline.api")
@@ -107,7 +106,7 @@ class EventStreamResponse(Response):
                         self.started_at = None
         except HistoryGone as exc:
             await send({"type": "http.response.body", "body": transport.error(exc), "more_body": True})
-        except (Draining, RedisError):  # RedisError: history could not be read; resume later
+        except RECONNECT_ON:  # draining, or Redis away when history had to be read: resume later
             metrics.DRAIN_HINTS.inc()
             await send({"type": "http.response.body", "body": transport.reconnect(cursor), "more_body": True})
         except asyncio.CancelledError:

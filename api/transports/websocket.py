@@ -11,11 +11,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from api import metrics
-from api.hub import Draining, HistoryGone, Hub
+from api.hub import RECONNECT_ON, HistoryGone, Hub
 from shared.errors import FanlineError
 
 MAX_CLIENT_MESSAGE_BYTES = 4096
@@ -48,7 +47,7 @@ async def serve(
     except HistoryGone as exc:
         await websocket.send_text(orjson.dumps(exc.body()).decode())
         await websocket.close(1000)
-    except (Draining, RedisError):
+    except RECONNECT_ON:
         metrics.DRAIN_HINTS.inc()
         await websocket.close(1012, "service restart: reconnect and resume")
     except (WebSocketDisconnect, RuntimeError):
