@@ -121,7 +121,11 @@ class EmbeddedValkey(_Server):
             "--appendonly", "yes" if self.persistent else "no",
             *self.extra_args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(args, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL)
+        # A session of its own: Ctrl-C in a terminal signals the whole foreground group, and
+        # the server must outlive the API and workers that its owner stops first.
+        self.process = subprocess.Popen(
+            args, preexec_fn=die_with_parent, stdin=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

@@ -27,7 +27,7 @@ from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
 from shared import keys
-from shared.connections import events_redis, queue_redis
+from shared.connections import UNAVAILABLE, events_redis, queue_redis
 from shared.reaper import Reaper
 from shared.settings import Settings
 from worker.generators import load_generator
@@ -160,6 +160,20 @@ class _Worker(Worker):
             self._job_completion_wait,
         )
         super().handle_sig_wait_for_completion(signum)
+
+    async def close(self) -> None:
+        # arq deletes its health-check key first; with Redis already gone (stopped before
+        # the worker, or unreachable) that raised, skipping our shutdown hook and printing a
+        # traceback on every stop. Stop cleanly without it.
+        try:
+            await super().close()
+        except UNAVAILABLE as exc:
+            log.warning("stopping without Redis: %s", exc)
+            if self.on_shutdown:
+                await self.on_shutdown(self.ctx)
+            with contextlib.suppress(*UNAVAILABLE):
+                await self.pool.close(close_connection_pool=True)
+            self._pool = None
 
     async def _sleep_until_tasks_complete(self) -> None:
         # arq waits until its task table is empty, but finished jobs leave it only at

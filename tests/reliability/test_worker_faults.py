@@ -159,3 +159,24 @@ async def test_worker_sigterm_within_its_grace_finishes_the_generation_and_takes
     start_worker(stack)
     rest = await read_sse_at(api1, later, Received())
     assert rest.done and rest.errors == [] and len(rest.text.split()) == 5
+
+
+def test_a_worker_whose_redis_is_gone_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    """Regression: arq's close() deletes its health-check key first; with Redis already stopped
+    (``fanline up`` on Ctrl-C, where the terminal signalled the embedded server too), it raised,
+    skipped the worker's shutdown hook and printed a traceback on every stop."""
+    with private_stack("redis://127.0.0.1:1/0", "worker-redis-gone", apis=0, workers=0) as stack:
+        with private_valkey(tmp_path / "valkey") as valkey:
+            stack.env["FANLINE_REDIS_URL"] = valkey.url
+            stack.env["FANLINE_LOG_LEVEL"] = "info"
+            worker = stack.start_worker()
+            log_path = Path(stack.log_dir) / "worker0.log"
+            deadline = time.monotonic() + 15
+            while "worker ready" not in log_path.read_text():
+                assert time.monotonic() < deadline and worker.poll() is None, log_path.read_text()
+                time.sleep(0.05)
+        # The server is stopped; now the worker.
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+        log = log_path.read_text()
+        assert "stopping without Redis" in log and "Traceback" not in log, log
