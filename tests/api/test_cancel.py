@@ -6,14 +6,12 @@ import asyncio
 
 import httpx
 
-from tests.support import Stack, chat_body, generation, read_sse, settled, watch_at
+from tests.support import Stack, chat_body, create, generation, read_sse, settled, watch_at
 
 
 async def test_cancel_ends_every_viewer_on_every_pod(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
-        created = await client.post("/v1/generations", json=chat_body("cancel me", stream=False, max_tokens=2000))
-        assert created.status_code == 201
-        gen_id = created.json()["id"]
+        gen_id = await create(client, prompt="cancel me", max_tokens=2000)
         streaming = [asyncio.Event() for _ in stack.api_urls]
         viewers = [
             asyncio.ensure_future(watch_at(url, gen_id, started))

@@ -6,7 +6,7 @@ import asyncio
 
 import httpx
 
-from tests.support import Received, Stack, chat_body, generation, read_sse
+from tests.support import Received, Stack, chat_body, create, generation, read_sse
 
 
 async def test_chat_stream_has_ids_role_finish_and_done(client: httpx.AsyncClient) -> None:
@@ -49,9 +49,7 @@ async def test_resume_on_second_pod_with_header_and_query(stack: Stack) -> None:
 
 async def test_many_viewers_joining_at_different_times_get_identical_text(stack: Stack) -> None:
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
-        created = await client.post("/v1/generations", json=chat_body(max_tokens=150, stream=False))
-        assert created.status_code == 201
-        gen_id = created.json()["id"]
+        gen_id = await create(client, max_tokens=150)
 
         async def viewer(n: int) -> Received:
             await asyncio.sleep(n * 0.03)  # staggered joins: some from the start, some late

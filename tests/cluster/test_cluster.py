@@ -30,7 +30,7 @@ from redis.crc import key_slot
 from cli.valkey import EmbeddedCluster, EmbeddedValkey
 from shared import keys
 from shared.settings import Settings
-from tests.support import Received, Stack, chat_body, generation, read_sse
+from tests.support import Received, Stack, create, generation, read_sse
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
 
@@ -109,9 +109,7 @@ async def test_viewers_joining_late_and_resuming_on_the_other_pod_get_exact_text
         httpx.AsyncClient(base_url=first_pod, timeout=30) as first,
         httpx.AsyncClient(base_url=second_pod, timeout=30) as second,
     ):
-        created = await first.post("/v1/generations", json=chat_body(max_tokens=300, stream=False))
-        assert created.status_code == 201, created.text
-        gen_id = created.json()["id"]
+        gen_id = await create(first, max_tokens=300)
         events = f"/v1/generations/{gen_id}/events"
 
         async def viewer(n: int) -> Received:
@@ -141,9 +139,7 @@ async def test_generations_spread_over_shards_and_nodes_stream_exactly(cluster_s
         # 16 concurrent generations, all watched on the second pod: its hub reads
         # them from several nodes at once (one blocking read per shard).
         async def run(n: int) -> tuple[Received, Received]:
-            created = await first.post("/v1/generations", json=chat_body(f"prompt {n}", max_tokens=60, stream=False))
-            assert created.status_code == 201, created.text
-            gen_id = created.json()["id"]
+            gen_id = await create(first, prompt=f"prompt {n}", max_tokens=60)
             events = f"/v1/generations/{gen_id}/events"
             return await asyncio.gather(read_sse(second, "GET", events), read_sse(second, "GET", events))
 
@@ -243,9 +239,7 @@ async def _watch_through_a_failover(stack: ClusterStack, *, hold: bool) -> None:
         httpx.AsyncClient(base_url=first_pod, timeout=60) as first,
         httpx.AsyncClient(base_url=second_pod, timeout=60) as second,
     ):
-        created = await first.post("/v1/generations", json=chat_body(max_tokens=300, stream=False))
-        assert created.status_code == 201, created.text
-        gen_id = created.json()["id"]
+        gen_id = await create(first, max_tokens=300)
         events = f"/v1/generations/{gen_id}/events"
 
         # Viewers that stay connected through the failover, on both pods.

@@ -28,7 +28,7 @@ from websockets.asyncio.client import connect
 
 from cli.valkey import EmbeddedValkey, die_with_parent, free_port, stop_process
 from tests.deploy import nginx_args, render_nginx_conf
-from tests.support import Received, Stack, chat_body, generation, read_sse, wait_http_ok
+from tests.support import Received, Stack, chat_body, create, generation, read_sse, wait_http_ok
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output" / "deploy-load-balancer"
 
@@ -167,9 +167,7 @@ async def _sse_viewers(client: httpx.AsyncClient, pod_url: str) -> int:
 async def test_viewers_resume_through_nginx_when_a_pod_is_killed_and_another_drained(balanced: Balanced) -> None:
     stack = balanced.stack
     async with httpx.AsyncClient(base_url=balanced.url, timeout=30) as client:
-        created = await client.post("/v1/generations", json=chat_body(max_tokens=500, stream=False))
-        assert created.status_code == 201, created.text
-        gen_id = created.json()["id"]
+        gen_id = await create(client, max_tokens=500)
 
         viewers = Viewers(balanced.url, gen_id, 12)
         await viewers.until(lambda: viewers.least() >= 5, "every viewer's first events")

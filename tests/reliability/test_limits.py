@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 from api.auth import Auth
 from shared import keys
 from tests.reliability import private_stack, private_valkey
-from tests.support import Stack, assert_error, chat_body, wait_until
+from tests.support import Stack, assert_error, chat_body, create, wait_until
 
 KEY_A = f"fk-alpha-{uuid.uuid4().hex}"
 KEY_B = f"fk-beta-{uuid.uuid4().hex}"
@@ -60,10 +60,7 @@ def creations(max_tokens: int) -> list[tuple[str, dict[str, Any]]]:
 
 async def start(client: httpx.AsyncClient, max_tokens: int = LONG) -> str:
     """A generation started with ``POST /v1/generations``; its id."""
-    response = await client.post("/v1/generations", json=chat_body(stream=False, max_tokens=max_tokens))
-    assert response.status_code == 201, response.text
-    gen_id: str = response.json()["id"]
-    return gen_id
+    return await create(client, max_tokens=max_tokens)
 
 
 def assert_limited(response: httpx.Response, code: str) -> int:

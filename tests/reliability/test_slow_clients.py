@@ -21,7 +21,7 @@ from tests.conftest import StackFactory
 from tests.support import (
     Received,
     assert_strictly_increasing,
-    chat_body,
+    create,
     parse_sse,
     read_sse_at,
     settled_at,
@@ -92,8 +92,7 @@ async def test_stuck_viewer_is_cut_off_and_100_others_finish_exactly(stack_facto
     limits = httpx.Limits(max_connections=VIEWERS + 10)
     async with httpx.AsyncClient(base_url=stack.url, timeout=60, limits=limits) as client:
         before = await cutoffs(client)
-        response = await client.post("/v1/generations", json=chat_body("slow", stream=False, max_tokens=TOKENS))
-        gen_id = response.json()["id"]
+        gen_id = await create(client, prompt="slow", max_tokens=TOKENS)
         stuck = stuck_viewer(stack.url, gen_id)
         try:
 

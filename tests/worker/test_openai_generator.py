@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from shared.keys import Meta
 from tests.conftest import StackFactory
-from tests.support import Received, Stack, chat_body, generation, read_sse, watch
+from tests.support import Received, Stack, chat_body, create, generation, read_sse, watch
 from tests.upstream import FIDELITY_DELTAS, FIDELITY_USAGE, FIRST_WORDS, Upstream
 
 TOOL = {
@@ -287,9 +287,7 @@ async def test_a_refused_connection_fails_as_unreachable(stack_factory: StackFac
 async def test_cancel_closes_the_upstream_request(behind_stand_in: Stack, upstream: Upstream) -> None:
     prompt = unique("a very long answer")
     async with httpx.AsyncClient(base_url=behind_stand_in.url, timeout=30) as client:
-        created = await client.post("/v1/generations", json=chat_body(prompt, stream=False, model="hold"))
-        assert created.status_code == 201, created.text
-        gen_id = created.json()["id"]
+        gen_id = await create(client, prompt=prompt, model="hold")
         streaming = asyncio.Event()
         viewer = asyncio.ensure_future(watch(client, gen_id, streaming))
         await asyncio.wait_for(streaming.wait(), 20)
