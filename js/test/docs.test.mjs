@@ -11,21 +11,14 @@ import { fileURLToPath, pathToFileURL } from "node:url";
 
 import { transform } from "esbuild";
 
-import { baseUrl, generation, until } from "./support.mjs";
+import { baseUrl, collectConsoleErrors, generation, until } from "./support.mjs";
 
 register("./resolve-from-js.mjs", import.meta.url);
 const React = await import("react");
 const { create } = await import("react-test-renderer");
 
 globalThis.IS_REACT_ACT_ENVIRONMENT = false; // the examples render as the stream arrives
-const consoleError = console.error;
-const logged = [];
-console.error = (...args) => {
-  if (!String(args[0]).startsWith("react-test-renderer is deprecated")) logged.push(args);
-};
-process.on("exit", () => {
-  console.error = consoleError;
-});
+const logged = collectConsoleErrors();
 
 // A browser resolves "/v1/..." against the page; here, against the stack. The test also
 // notes the generation id of each response (the examples do not need it; the test does).
