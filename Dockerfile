@@ -17,6 +17,7 @@ RUN python -m venv /opt/fanline
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY fanline ./fanline
 COPY api ./api
 COPY worker ./worker
 COPY shared ./shared

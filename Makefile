@@ -17,7 +17,7 @@ format:  ## ruff: fix what it can, then format
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 typecheck:  ## mypy --strict on the code and the tests
-	$(BIN)/mypy
+	$(BIN)/python -m tests.typecheck
 
 test:  ## the whole suite (lint and mypy included, tests/test_lint.py)
 	$(BIN)/pytest

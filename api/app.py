@@ -17,17 +17,17 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
-from api import errors, web
-from api.auth import Auth
-from api.errors import error_response
-from api.generations import Generations
-from api.hub import Hub
-from api.routes import events_response, router
-from shared.connections import UNAVAILABLE, events_redis
-from shared.errors import FanlineError, Unavailable
-from shared.logs import gen_id_var, request_id_var
-from shared.reaper import Reaper
-from shared.settings import Settings
+from fanline.api import errors, web
+from fanline.api.auth import Auth
+from fanline.api.errors import error_response
+from fanline.api.generations import Generations
+from fanline.api.hub import Hub
+from fanline.api.routes import events_response, router
+from fanline.shared.connections import UNAVAILABLE, events_redis
+from fanline.shared.errors import FanlineError, Unavailable
+from fanline.shared.logs import gen_id_var, request_id_var
+from fanline.shared.reaper import Reaper
+from fanline.shared.settings import Settings
 
 log = logging.getLogger("fanline.api")
 

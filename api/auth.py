@@ -25,8 +25,8 @@ import time
 
 from starlette.requests import HTTPConnection
 
-from shared.errors import Forbidden, Unauthorized
-from shared.settings import Settings
+from fanline.shared.errors import Forbidden, Unauthorized
+from fanline.shared.settings import Settings
 
 GEN_HEADER = "X-Fanline-Generation-Id"
 WATCH_TOKEN_HEADER = "X-Fanline-Watch-Token"

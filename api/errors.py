@@ -10,8 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from shared.connections import UNAVAILABLE
-from shared.errors import FanlineError, InvalidRequest, NotFound, RateLimited, Unavailable
+from fanline.shared.connections import UNAVAILABLE
+from fanline.shared.errors import FanlineError, InvalidRequest, NotFound, RateLimited, Unavailable
 
 log = logging.getLogger("fanline.api")
 

@@ -14,15 +14,15 @@ from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 from pydantic import ValidationError
 
-from api import metrics
-from api.limits import Limits
-from shared import events, keys
-from shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
-from shared.ids import is_generation_id, new_generation_id
-from shared.keys import Meta
-from shared.logs import gen_id_var
-from shared.requests import ChatCompletionRequest
-from shared.settings import Settings
+from fanline.api import metrics
+from fanline.api.limits import Limits
+from fanline.shared import events, keys
+from fanline.shared.errors import Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge
+from fanline.shared.ids import is_generation_id, new_generation_id
+from fanline.shared.keys import Meta
+from fanline.shared.logs import gen_id_var
+from fanline.shared.requests import ChatCompletionRequest
+from fanline.shared.settings import Settings
 
 TERMINAL = ("completed", "failed", "cancelled")
 

@@ -29,13 +29,13 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from api import metrics
-from shared import keys
-from shared.connections import UNAVAILABLE
-from shared.errors import Conflict
-from shared.events import END, ERROR, Event, error_payload
-from shared.ids import event_id
-from shared.settings import Settings
+from fanline.api import metrics
+from fanline.shared import keys
+from fanline.shared.connections import UNAVAILABLE
+from fanline.shared.errors import Conflict
+from fanline.shared.events import END, ERROR, Event, error_payload
+from fanline.shared.ids import event_id
+from fanline.shared.settings import Settings
 
 log = logging.getLogger("fanline.hub")
 

@@ -30,11 +30,11 @@ import logging
 
 import redis.asyncio as aioredis
 
-from shared import keys
-from shared.connections import UNAVAILABLE
-from shared.errors import RateLimited
-from shared.keys import Meta
-from shared.settings import Settings
+from fanline.shared import keys
+from fanline.shared.connections import UNAVAILABLE
+from fanline.shared.errors import RateLimited
+from fanline.shared.keys import Meta
+from fanline.shared.settings import Settings
 
 log = logging.getLogger("fanline.api")
 

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from shared.metrics import REDIS_ERRORS as REDIS_ERRORS  # counted by API pods and workers alike
+from fanline.shared.metrics import REDIS_ERRORS as REDIS_ERRORS  # counted by API pods and workers alike
 
 VIEWERS = Gauge("fanline_viewers", "Viewers connected to this pod", ["transport"])
 

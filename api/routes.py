@@ -12,18 +12,18 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
-from api import metrics, transports
-from api.auth import GEN_HEADER, WATCH_TOKEN_HEADER, Auth
-from api.generations import Generation, Generations, check_size, parse_request
-from api.hub import Hub
-from api.transports.ndjson import NDJSON
-from api.transports.sse import SSE
-from api.transports.websocket import serve as serve_websocket
-from shared import events
-from shared.errors import Conflict, FanlineError, InvalidRequest, RequestTimeout
-from shared.ids import parse_event_id
-from shared.requests import ChatCompletionRequest
-from shared.settings import Settings
+from fanline.api import metrics, transports
+from fanline.api.auth import GEN_HEADER, WATCH_TOKEN_HEADER, Auth
+from fanline.api.generations import Generation, Generations, check_size, parse_request
+from fanline.api.hub import Hub
+from fanline.api.transports.ndjson import NDJSON
+from fanline.api.transports.sse import SSE
+from fanline.api.transports.websocket import serve as serve_websocket
+from fanline.shared import events
+from fanline.shared.errors import Conflict, FanlineError, InvalidRequest, RequestTimeout
+from fanline.shared.ids import parse_event_id
+from fanline.shared.requests import ChatCompletionRequest
+from fanline.shared.settings import Settings
 
 router = APIRouter()
 

@@ -21,9 +21,9 @@ from starlette.types import Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from api.app import Edge, create_app
-from shared.errors import Unavailable
-from shared.settings import Settings
+from fanline.api.app import Edge, create_app
+from fanline.shared.errors import Unavailable
+from fanline.shared.settings import Settings
 
 log = logging.getLogger("fanline.api")
 

@@ -22,15 +22,15 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
-from api import transports
-from api.generations import Generations, parse_request
-from api.hub import Hub
-from api.routes import auth_of, read_body
-from api.transports import ai_sdk
-from shared import keys
-from shared.errors import Conflict, InvalidRequest, NotFound
-from shared.requests import ChatCompletionRequest
-from shared.settings import Settings
+from fanline.api import transports
+from fanline.api.generations import Generations, parse_request
+from fanline.api.hub import Hub
+from fanline.api.routes import auth_of, read_body
+from fanline.api.transports import ai_sdk
+from fanline.shared import keys
+from fanline.shared.errors import Conflict, InvalidRequest, NotFound
+from fanline.shared.requests import ChatCompletionRequest
+from fanline.shared.settings import Settings
 
 router = APIRouter(include_in_schema=False)
 

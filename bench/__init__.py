@@ -1,8 +1,8 @@
 """The load benchmark: fanline side by side with a naive baseline, on real processes.
 
-    python -m bench --quick          # < 2 minutes
-    python -m bench --smoke          # a few seconds, for CI
-    python -m bench --scenarios fanout --viewers 100,1000 --rates 50
+    python -m fanline.bench --quick          # < 2 minutes
+    python -m fanline.bench --smoke          # a few seconds, for CI
+    python -m fanline.bench --scenarios fanout --viewers 100,1000 --rates 50
 
 Modules, in the order a run uses them:
 

@@ -12,7 +12,7 @@ written by fanline's real worker) with the same wire format as fanline on
 It runs under the same uvicorn (uvloop, httptools) as fanline, so the comparison is
 about the fan-out design, not the server stack.
 
-    python -m bench.baseline --port 8100 --redis-url redis://127.0.0.1:6379/0
+    python -m fanline.bench.baseline --port 8100 --redis-url redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from shared import keys
+from fanline.shared import keys
 
 _BLOCK_MS = 15_000  # heartbeat interval, as fanline's
 _COUNT = 100
@@ -69,7 +69,7 @@ def create_app(redis_url: str) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.baseline")
+    parser = argparse.ArgumentParser(prog="python -m fanline.bench.baseline")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--redis-url", required=True)

@@ -1,6 +1,6 @@
 """A load-generator process: many SSE viewers on raw asyncio sockets (uvloop when present).
 
-    python -m bench.loadgen        # started by the benchmark (bench/scenarios.py), never by hand
+    python -m fanline.bench.loadgen        # started by the benchmark (bench/scenarios.py), never by hand
 
 It talks with the run over pipes, one JSON object a line:
 
@@ -40,8 +40,8 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 
-from bench.stats import bucket
-from shared import keys
+from fanline.bench.stats import bucket
+from fanline.shared import keys
 
 HOST = "127.0.0.1"
 _CONNECT_ATTEMPTS = 4

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from cli.valkey import die_with_parent
+from fanline.cli.valkey import die_with_parent
 
 
 def py_spy() -> str | None:

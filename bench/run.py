@@ -1,9 +1,9 @@
-"""``python -m bench`` / ``fanline bench``: the run from the command line to the report.
+"""``python -m fanline.bench`` / ``fanline bench``: the run from the command line to the report.
 
-    python -m bench                       # full: the sizes of the issue (several minutes)
-    python -m bench --quick               # the same scenarios, smaller: under 2 minutes
-    python -m bench --smoke               # a few seconds: keeps the benchmark working in CI
-    python -m bench --quick --scenarios fanout --viewers 100,2000 --rates 50,200
+    python -m fanline.bench                       # full: the sizes of the issue (several minutes)
+    python -m fanline.bench --quick               # the same scenarios, smaller: under 2 minutes
+    python -m fanline.bench --smoke               # a few seconds: keeps the benchmark working in CI
+    python -m fanline.bench --quick --scenarios fanout --viewers 100,2000 --rates 50,200
 
 It starts an isolated Valkey, fanline API pods and workers, and baseline pods (bench/stack.py),
 runs each scenario against fanline then the baseline (bench/scenarios.py), stops everything,
@@ -28,8 +28,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from arq.connections import RedisSettings, create_pool
 
-from bench import report, scenarios
-from bench.stack import Stack
+from fanline.bench import report, scenarios
+from fanline.bench.stack import Stack
 
 SCENARIOS = ("ttft", "fanout", "many", "idle", "late")
 
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "note": args.note,
-            "command": "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": "python -m fanline.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
             "systems": systems,
         },
         "scenarios": scenario_results,

@@ -32,13 +32,13 @@ from typing import IO, Any
 import redis.asyncio as aioredis
 from arq.connections import ArqRedis
 
-from api.generations import enqueue, write_queued
-from bench import stats
-from bench.profile import Profiler, summarise
-from bench.stack import CLIENT_NAMES, REPO, Proc, Stack, cpu_seconds
-from cli.valkey import die_with_parent
-from shared.ids import new_generation_id
-from shared.requests import ChatCompletionRequest
+from fanline.api.generations import enqueue, write_queued
+from fanline.bench import stats
+from fanline.bench.profile import Profiler, summarise
+from fanline.bench.stack import CLIENT_NAMES, REPO, Proc, Stack, cpu_seconds
+from fanline.cli.valkey import die_with_parent
+from fanline.shared.ids import new_generation_id
+from fanline.shared.requests import ChatCompletionRequest
 
 # One process holds at most ~19,900 sockets (open-files cap 20,000); keep a margin.
 SOCKETS_PER_LOADGEN = 9_000
@@ -121,7 +121,7 @@ async def start(bench: Bench, gens: list[tuple[str, float]]) -> None:
 
 
 class LoadGen:
-    """One ``python -m bench.loadgen`` process and its line protocol (see bench/loadgen.py)."""
+    """One ``python -m fanline.bench.loadgen`` process and its line protocol (see bench/loadgen.py)."""
 
     def __init__(self, process: asyncio.subprocess.Process, name: str, log_path: Path) -> None:
         self.process = process
@@ -135,7 +135,7 @@ class LoadGen:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "bench.loadgen",
+                "fanline.bench.loadgen",
                 cwd=REPO,
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import redis
 
-from cli.valkey import EmbeddedValkey, free_port, spawn_logged, stop_process
+from fanline.cli.valkey import EmbeddedValkey, free_port, spawn_logged, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -124,7 +124,7 @@ class Stack:
         self.valkey.start()
         for pace in self.paces:
             self.workers[pace] = [
-                self._spawn(f"worker-pace{pace:g}-{i}", ["-m", "cli", "worker"], self._env(pace, WORKER_CLIENT))
+                self._spawn(f"worker-pace{pace:g}-{i}", ["-m", "fanline.cli", "worker"], self._env(pace, WORKER_CLIENT))
                 for i in range(self.workers_per_pace)
             ]
         pending: list[Proc] = []
@@ -140,9 +140,16 @@ class Stack:
         port = free_port()
         n = len(self.systems[system]) + len(self.extra)
         if system == "fanline":
-            args = ["-m", "cli", "api", "--port", str(port)]
+            args = ["-m", "fanline.cli", "api", "--port", str(port)]
         else:
-            args = ["-m", "bench.baseline", "--port", str(port), "--redis-url", self.named_url(CLIENT_NAMES[system])]
+            args = [
+                "-m",
+                "fanline.bench.baseline",
+                "--port",
+                str(port),
+                "--redis-url",
+                self.named_url(CLIENT_NAMES[system]),
+            ]
         proc = self._spawn(f"{system}-pod{n}", args, self._env(0, CLIENT_NAMES[system]), port)
         (self.extra if extra else self.systems[system]).append(proc)
         if wait:

@@ -51,31 +51,31 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:
-        from bench.run import main as bench_main
+        from fanline.bench.run import main as bench_main
 
         result: int = bench_main(argv[1:])
         return result
     args = _parser().parse_args(argv)
-    from shared.logs import configure as configure_logging
-    from shared.settings import Settings
+    from fanline.shared.logs import configure as configure_logging
+    from fanline.shared.settings import Settings
 
     settings = Settings()
     configure_logging(settings)
     if args.command == "up":
-        from cli.up import up
+        from fanline.cli.up import up
 
         return up(settings, args.host, args.port, args.workers, args.data_dir)
     if args.command == "api":
-        from api.server import run as run_api
+        from fanline.api.server import run as run_api
 
         run_api(settings, args.host, args.port)
         return 0
     if args.command == "worker":
-        from worker.main import run
+        from fanline.worker.main import run
 
         run(settings)
         return 0
-    from cli import client
+    from fanline.cli import client
 
     if args.command == "chat":
         return client.chat(args.url, args.prompt, args.model, args.max_tokens, args.api_key)

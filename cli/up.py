@@ -15,8 +15,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from cli.valkey import EmbeddedValkey, die_with_parent
-from shared.settings import Settings
+from fanline.cli.valkey import EmbeddedValkey, die_with_parent
+from fanline.shared.settings import Settings
 
 STOP_TIMEOUT_S = 15.0
 
@@ -24,7 +24,7 @@ STOP_TIMEOUT_S = 15.0
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     # A session of its own: Ctrl-C reaches only this supervisor, which stops the children in order.
     return subprocess.Popen(
-        [sys.executable, "-m", "cli", *args],
+        [sys.executable, "-m", "fanline.cli", *args],
         env=env,
         start_new_session=True,
         preexec_fn=die_with_parent,

@@ -8,7 +8,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from shared.settings import Settings
+from fanline.shared.settings import Settings
 
 # What an unreachable Redis raises: redis-py's errors, and the cluster client's own
 # exception tree, which is not a RedisError ("cannot connect to any startup node",

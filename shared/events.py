@@ -18,7 +18,7 @@ from typing import Any, Literal, TypedDict
 
 import orjson
 
-from shared.ids import event_id
+from fanline.shared.ids import event_id
 
 CHUNK = b"c"
 ERROR = b"e"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import secrets
 
-from shared.errors import InvalidRequest
+from fanline.shared.errors import InvalidRequest
 
 _GEN_ID = re.compile(r"[0-9a-f]{32}")
 _EVENT_ID = re.compile(r"([0-9]{1,18})-0")  # not \d: it matches non-ASCII digits too

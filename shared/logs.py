@@ -16,7 +16,7 @@ import time
 
 import orjson
 
-from shared.settings import Settings
+from fanline.shared.settings import Settings
 
 gen_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("gen_id", default="")
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")

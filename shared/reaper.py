@@ -22,9 +22,9 @@ import orjson
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
-from shared import events, keys
-from shared.connections import UNAVAILABLE
-from shared.settings import Settings
+from fanline.shared import events, keys
+from fanline.shared.connections import UNAVAILABLE
+from fanline.shared.settings import Settings
 
 log = logging.getLogger("fanline.reaper")
 

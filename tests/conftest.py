@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.valkey import EmbeddedValkey
+from fanline.cli.valkey import EmbeddedValkey
 from tests.support import Stack
 
 OUTPUT = Path(__file__).resolve().parent.parent / "test-output"

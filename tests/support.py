@@ -31,7 +31,7 @@ from httpx_sse import aconnect_sse
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from cli.valkey import free_port, spawn_logged, stop_process
+from fanline.cli.valkey import free_port, spawn_logged, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 TERMINAL = ("completed", "failed", "cancelled")
@@ -39,7 +39,7 @@ TERMINAL = ("completed", "failed", "cancelled")
 
 def spawn(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     """A ``fanline`` subcommand as a real process, its output in ``log_path``."""
-    return spawn_logged([sys.executable, "-m", "cli", *args], env, log_path, REPO)
+    return spawn_logged([sys.executable, "-m", "fanline.cli", *args], env, log_path, REPO)
 
 
 def wait_http_ok(url: str, process: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> None:

@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent
 
 @pytest.mark.parametrize(
     "command",
-    [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["mypy"]],
+    [["ruff", "check", "."], ["ruff", "format", "--check", "."], ["python", "-m", "tests.typecheck"]],
     ids=["ruff-check", "ruff-format", "mypy"],
 )
 def test_the_code_passes(command: list[str]) -> None:

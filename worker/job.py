@@ -17,16 +17,16 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from shared import keys
-from shared.connections import UNAVAILABLE
-from shared.errors import GenerationFailed
-from shared.keys import Meta
-from shared.logs import gen_id_var
-from shared.requests import ChatCompletionRequest
-from shared.settings import Settings
-from worker import metrics
-from worker.generators import GenerationContext, Generator
-from worker.publisher import Publisher
+from fanline.shared import keys
+from fanline.shared.connections import UNAVAILABLE
+from fanline.shared.errors import GenerationFailed
+from fanline.shared.keys import Meta
+from fanline.shared.logs import gen_id_var
+from fanline.shared.requests import ChatCompletionRequest
+from fanline.shared.settings import Settings
+from fanline.worker import metrics
+from fanline.worker.generators import GenerationContext, Generator
+from fanline.worker.publisher import Publisher
 
 log = logging.getLogger("fanline.worker")
 

@@ -26,12 +26,12 @@ from arq.worker import Worker, func
 from prometheus_client import start_http_server
 from redis.exceptions import RedisError
 
-from shared import keys
-from shared.connections import UNAVAILABLE, events_redis, queue_redis
-from shared.reaper import Reaper
-from shared.settings import Settings
-from worker.generators import load_generator
-from worker.job import Running, generate
+from fanline.shared import keys
+from fanline.shared.connections import UNAVAILABLE, events_redis, queue_redis
+from fanline.shared.reaper import Reaper
+from fanline.shared.settings import Settings
+from fanline.worker.generators import load_generator
+from fanline.worker.job import Running, generate
 
 log = logging.getLogger("fanline.worker")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from shared.metrics import REDIS_ERRORS as REDIS_ERRORS  # counted by API pods and workers alike
+from fanline.shared.metrics import REDIS_ERRORS as REDIS_ERRORS  # counted by API pods and workers alike
 
 GENERATIONS = Counter("fanline_generations_total", "Generations that ended, by status", ["status"])
 GENERATION_DURATION = Histogram(

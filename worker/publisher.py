@@ -26,11 +26,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import events, keys
-from shared.events import Delta
-from shared.ids import event_id
-from shared.keys import Meta
-from worker import metrics
+from fanline.shared import events, keys
+from fanline.shared.events import Delta
+from fanline.shared.ids import event_id
+from fanline.shared.keys import Meta
+from fanline.worker import metrics
 
 log = logging.getLogger("fanline.worker")
 

@@ -15,9 +15,9 @@ from typing import Any, Protocol
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from api import metrics
-from api.hub import RECONNECT_ON, HistoryGone, Hub
-from shared.events import Event
+from fanline.api import metrics
+from fanline.api.hub import RECONNECT_ON, HistoryGone, Hub
+from fanline.shared.events import Event
 
 log = logging.getLogger("fanline.api")
 

@@ -30,9 +30,9 @@ from typing import Any
 
 import orjson
 
-from api.hub import HistoryGone
-from shared import events
-from shared.events import Event
+from fanline.api.hub import HistoryGone
+from fanline.shared import events
+from fanline.shared.events import Event
 
 # fanline's finish_reason → the AI SDK's FinishReason.
 FINISH_REASONS = {

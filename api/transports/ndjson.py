@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import orjson
 
-from api.hub import HistoryGone
-from shared.events import Event
-from shared.ids import event_id
+from fanline.api.hub import HistoryGone
+from fanline.shared.events import Event
+from fanline.shared.ids import event_id
 
 
 class NDJSON:

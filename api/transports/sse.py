@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import orjson
 
-from api.hub import HistoryGone
-from shared.events import Event
+from fanline.api.hub import HistoryGone
+from fanline.shared.events import Event
 
 # A browser's EventSource reconnects after this many ms (with Last-Event-ID).
 RETRY_MS = 1000

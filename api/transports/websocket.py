@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from api import metrics
-from api.hub import RECONNECT_ON, HistoryGone, Hub
-from shared.errors import FanlineError
+from fanline.api import metrics
+from fanline.api.hub import RECONNECT_ON, HistoryGone, Hub
+from fanline.shared.errors import FanlineError
 
 MAX_CLIENT_MESSAGE_BYTES = 4096
 

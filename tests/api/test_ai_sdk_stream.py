@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 
-from api.transports.ai_sdk import UIMessageStream
-from shared import events
-from shared.events import Event
+from fanline.api.transports.ai_sdk import UIMessageStream
+from fanline.shared import events
+from fanline.shared.events import Event
 
 
 def chunk(seq: int, delta: dict[str, Any], finish_reason: str | None = None) -> Event:

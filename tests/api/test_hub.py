@@ -14,11 +14,11 @@ import redis
 import redis.asyncio as aioredis
 from httpx_sse import aconnect_sse
 
-from cli.valkey import EmbeddedValkey, free_port
-from shared import keys
+from fanline.cli.valkey import EmbeddedValkey, free_port
+from fanline.shared import keys
+from fanline.worker.generators.demo import demo_tokens
 from tests.conftest import StackFactory
 from tests.support import Received, Stack, create, generation, parse_sse, read_sse, wait_finished
-from worker.generators.demo import demo_tokens
 
 
 class StalledViewer:

@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.exceptions import InvalidStatus
 
-from shared import events, keys
+from fanline.shared import events, keys
 from tests.support import (
     Stack,
     assert_strictly_increasing,

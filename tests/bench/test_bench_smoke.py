@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_smoke_run_is_exact_for_both_systems(tmp_path: Path) -> None:
     output = tmp_path / "smoke.json"
     run = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--output", str(output), "--note", "pytest smoke"],
+        [sys.executable, "-m", "fanline.bench", "--smoke", "--output", str(output), "--note", "pytest smoke"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import zlib
 
-from bench.loadgen import LoadRun, Viewer
+from fanline.bench.loadgen import LoadRun, Viewer
 
 HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
 

@@ -12,7 +12,7 @@ import httpx
 import orjson
 from httpx_sse import connect_sse
 
-from cli.valkey import free_port
+from fanline.cli.valkey import free_port
 from tests.support import Received, wait_http_ok
 
 FANLINE = str(Path(sys.executable).with_name("fanline"))

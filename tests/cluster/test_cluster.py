@@ -27,9 +27,9 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from cli.valkey import EmbeddedCluster, EmbeddedValkey
-from shared import keys
-from shared.settings import Settings
+from fanline.cli.valkey import EmbeddedCluster, EmbeddedValkey
+from fanline.shared import keys
+from fanline.shared.settings import Settings
 from tests.support import Received, Stack, create, generation, read_sse
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output"

@@ -26,7 +26,7 @@ import pytest
 from httpx_sse import aconnect_sse
 from websockets.asyncio.client import connect
 
-from cli.valkey import EmbeddedValkey, die_with_parent, free_port, stop_process
+from fanline.cli.valkey import EmbeddedValkey, die_with_parent, free_port, stop_process
 from tests.deploy import nginx_args, render_nginx_conf
 from tests.support import Received, Stack, chat_body, create, generation, read_sse, wait_http_ok
 

@@ -33,8 +33,9 @@ try:
 except ImportError as exc:  # pragma: no cover
     raise ImportError("PyYAML is missing: pip install yamllint kubernetes-validate") from exc
 
-from shared.settings import Settings
+from fanline.shared.settings import Settings
 from tests.deploy import NGINX_CONF, REPO, find_tool, nginx_args, render_nginx_conf
+from tests.typecheck import package_dir
 
 K8S = REPO / "k8s"
 BUILDS = ["base", "overlays/single-node", "overlays/cluster"]
@@ -422,9 +423,7 @@ def test_dockerfile_is_multi_stage_slim_non_root_with_healthcheck_and_sigterm() 
 
     # Every package pyproject.toml ships is copied into the build.
     copied = {shlex.split(r)[0] for stage in stages for i, r in stage if i == "COPY" and not r.startswith("--")}
-    packages = re.search(r"include = \[(.*?)\]", (REPO / "pyproject.toml").read_text())
-    assert packages is not None
-    for package in re.findall(r'"(\w+)\*"', packages.group(1)):
+    for package in package_dir().values():
         assert package in copied, f"the Dockerfile does not copy package {package}/"
 
     ignored = (REPO / ".dockerignore").read_text().split()

@@ -2,10 +2,10 @@
 
 from collections.abc import AsyncIterator
 
-from shared.errors import GenerationFailed
-from shared.events import Delta
-from shared.requests import ChatCompletionRequest
-from worker.generators import GenerationContext
+from fanline.shared.errors import GenerationFailed
+from fanline.shared.events import Delta
+from fanline.shared.requests import ChatCompletionRequest
+from fanline.worker.generators import GenerationContext
 
 
 async def shout(request: ChatCompletionRequest, ctx: GenerationContext) -> AsyncIterator[Delta]:

@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import orjson
 
-from cli.valkey import EmbeddedValkey
+from fanline.cli.valkey import EmbeddedValkey
 from tests.support import REPO, Received, Stack, assert_strictly_increasing, chat_body, read_sse, wait_until
 
 OUTPUT = REPO / "test-output" / "reliability"

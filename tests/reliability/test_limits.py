@@ -18,8 +18,8 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from api.auth import Auth
-from shared import keys
+from fanline.api.auth import Auth
+from fanline.shared import keys
 from tests.reliability import private_stack, private_valkey
 from tests.support import Stack, assert_error, chat_body, create, wait_until
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from shared import events
-from shared.errors import InvalidRequest
-from shared.events import Event
-from shared.ids import event_id, is_generation_id, new_generation_id, parse_event_id
+from fanline.shared import events
+from fanline.shared.errors import InvalidRequest
+from fanline.shared.events import Event
+from fanline.shared.ids import event_id, is_generation_id, new_generation_id, parse_event_id
 
 CHUNK = events.chunk("chatcmpl-x", 1700000000, "demo", {"content": "hi"})
 ERROR = events.error_payload("the worker went away", "worker_lost")

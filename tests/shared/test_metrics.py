@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY
 
-import api.metrics
-import worker.metrics
+import fanline.api.metrics
+import fanline.worker.metrics
 
 
 def test_api_and_worker_metrics_live_in_one_registry_without_clashes() -> None:
     names = [m.name for m in REGISTRY.collect() if m.name.startswith("fanline_")]
     assert len(names) == len(set(names))
-    assert api.metrics.REDIS_ERRORS is worker.metrics.REDIS_ERRORS
+    assert fanline.api.metrics.REDIS_ERRORS is fanline.worker.metrics.REDIS_ERRORS
     assert "fanline_generations_started" in names and "fanline_generations" in names

@@ -15,10 +15,10 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from shared.events import Delta
-from shared.requests import ChatCompletionRequest
-from worker.generators import GenerationContext
-from worker.generators.demo import demo
+from fanline.shared.events import Delta
+from fanline.shared.requests import ChatCompletionRequest
+from fanline.worker.generators import GenerationContext
+from fanline.worker.generators.demo import demo
 
 if TYPE_CHECKING:
     from tests.support import Stack

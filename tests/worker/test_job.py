@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import redis.asyncio as aioredis
 
-from shared import keys
+from fanline.shared import keys
+from fanline.worker.generators.demo import demo_tokens
 from tests.conftest import StackFactory
 from tests.support import Stack, chat_body, create, generation, read_sse, wait_finished
-from worker.generators.demo import demo_tokens
 
 
 async def test_jobs_start_on_the_wake_message_not_on_arq_polling(stack_factory: StackFactory) -> None:

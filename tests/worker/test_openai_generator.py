@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from shared.keys import Meta
+from fanline.shared.keys import Meta
 from tests.conftest import StackFactory
 from tests.support import Received, Stack, chat_body, create, generation, read_sse, watch
 from tests.upstream import FIDELITY_DELTAS, FIDELITY_USAGE, FIRST_WORDS, Upstream

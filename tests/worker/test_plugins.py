@@ -11,13 +11,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.valkey import stop_process
+from fanline.cli.valkey import stop_process
+from fanline.worker.generators import load_generator
+from fanline.worker.generators.demo import demo
+from fanline.worker.generators.openai import openai
 from tests.conftest import OUTPUT, StackFactory
 from tests.plugins.shout import shout
 from tests.support import Stack, chat_body, generation, read_sse, spawn
-from worker.generators import load_generator
-from worker.generators.demo import demo
-from worker.generators.openai import openai
 
 # A plugin distribution as pip would install it: a module and its dist-info with the entry point.
 PLUGIN_MODULE = """

@@ -9,10 +9,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from shared import events, keys
-from shared.ids import new_generation_id
+from fanline.shared import events, keys
+from fanline.shared.ids import new_generation_id
+from fanline.worker.publisher import Publisher
 from tests.support import text_of
-from worker.publisher import Publisher
 
 USAGE = {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
 RETENTION_S = 60

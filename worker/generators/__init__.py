@@ -30,10 +30,10 @@ and ``FANLINE_GENERATOR=shout``):
 
     from collections.abc import AsyncIterator
 
-    from shared.errors import GenerationFailed
-    from shared.events import Delta
-    from shared.requests import ChatCompletionRequest
-    from worker.generators import GenerationContext
+    from fanline.shared.errors import GenerationFailed
+    from fanline.shared.events import Delta
+    from fanline.shared.requests import ChatCompletionRequest
+    from fanline.worker.generators import GenerationContext
 
     async def shout(request: ChatCompletionRequest, ctx: GenerationContext) -> AsyncIterator[Delta]:
         words = request.prompt_text().split()
@@ -52,9 +52,9 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, Protocol
 
-from shared.events import Delta
-from shared.requests import ChatCompletionRequest
-from shared.settings import Settings
+from fanline.shared.events import Delta
+from fanline.shared.requests import ChatCompletionRequest
+from fanline.shared.settings import Settings
 
 ENTRY_POINT_GROUP = "fanline.generators"
 
@@ -77,11 +77,11 @@ class Generator(Protocol):
 def load_generator(name: str) -> Generator:
     """``demo``, ``openai``, ``package.module:callable``, or the name of a ``fanline.generators`` entry point."""
     if name == "demo":
-        from worker.generators.demo import demo
+        from fanline.worker.generators.demo import demo
 
         return demo
     if name == "openai":
-        from worker.generators.openai import openai
+        from fanline.worker.generators.openai import openai
 
         return openai
     if ":" in name:

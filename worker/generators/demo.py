@@ -18,9 +18,9 @@ from collections.abc import AsyncIterator
 
 import orjson
 
-from shared.events import Delta
-from shared.requests import ChatCompletionRequest
-from worker.generators import GenerationContext
+from fanline.shared.events import Delta
+from fanline.shared.requests import ChatCompletionRequest
+from fanline.worker.generators import GenerationContext
 
 _WORDS = (
     "stream river token event viewer reader writer pod worker queue redis valkey "

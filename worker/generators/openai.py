@@ -46,10 +46,10 @@ from typing import Any, cast
 import httpx
 import orjson
 
-from shared.errors import GenerationFailed
-from shared.events import Delta
-from shared.requests import ChatCompletionRequest
-from worker.generators import GenerationContext
+from fanline.shared.errors import GenerationFailed
+from fanline.shared.events import Delta
+from fanline.shared.requests import ChatCompletionRequest
+from fanline.worker.generators import GenerationContext
 
 log = logging.getLogger("fanline.worker")
 
