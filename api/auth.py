@@ -10,10 +10,17 @@ generation id is the capability to watch. With keys set:
   for EventSource and WebSocket clients, which cannot set headers;
 - only the key that created a generation can cancel it.
 
-A watch token is ``<expiry>.<HMAC-SHA256(secret, gen_id|expiry)>`` (base64url).
-The secret is ``FANLINE_WATCH_TOKEN_SECRET``, or derived from the API keys when
+A watch token is ``<gen_id>.<expiry>.<HMAC-SHA256(secret, gen_id|expiry)>`` (base64url);
+tokens of the first format, ``<expiry>.<signature>``, are still accepted for their own
+generation. The secret is ``FANLINE_WATCH_TOKEN_SECRET``, or derived from the API keys when
 unset (so every pod with the same keys agrees). Comparisons are constant-time;
 keys are never logged.
+
+Statuses (the ``openai`` SDK's AuthenticationError and PermissionDeniedError): a missing
+credential, or one that is neither an API key nor a valid watch token (wrong, expired,
+tampered, signed with another secret), is 401 ``authentication_error``; a valid credential
+that does not cover the request (a watch token for another generation, a watch token where
+an API key is needed, another key's generation to cancel) is 403 ``permission_error``.
 """
 
 from __future__ import annotations
@@ -65,13 +72,22 @@ class Auth:
         return found
 
     def require_key(self, conn: HTTPConnection) -> str:
-        """The caller's owner name ("" with auth off); 401 without a valid API key."""
+        """The caller's owner name ("" with auth off); 401 without a valid API key, 403 for a watch token.
+
+        A WebSocket may carry it as ``?token=`` (its cancel message); plain HTTP only as the bearer.
+        """
         if not self.enabled:
             return ""
         bearer = self._bearer(conn)
+        if bearer is None and conn.scope["type"] == "websocket":  # browsers cannot set a WebSocket's headers
+            bearer = conn.query_params.get("token") or None
         if bearer is None:
             raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'", code="missing_api_key")
         if not self._is_key(bearer):
+            if self._token_generation(bearer) is not None:
+                raise Forbidden(
+                    "a watch token only reads its generation: this needs an API key", code="api_key_required"
+                )
             raise Unauthorized("invalid API key", code="invalid_api_key")
         return self.owner_of(bearer)
 
@@ -87,7 +103,12 @@ class Auth:
         for candidate in candidates:
             if self._is_key(candidate) or self.check_watch_token(candidate, gen_id):
                 return
-        raise Forbidden("this key or watch token does not grant access to this generation", code="forbidden")
+        if any(self._token_generation(candidate) is not None for candidate in candidates):
+            raise Forbidden("this watch token is for another generation", code="forbidden")
+        raise Unauthorized(
+            "invalid credentials: neither an API key nor a valid watch token (expired or altered?)",
+            code="invalid_credentials",
+        )
 
     def creation_headers(self, gen_id: str) -> dict[str, str]:
         """The headers of a response that created a generation: its id, and its watch token when auth is on."""
@@ -98,10 +119,21 @@ class Auth:
 
     def watch_token(self, gen_id: str) -> str:
         expiry = int(time.time() + self._ttl_s)
-        return f"{expiry}.{self._sign(gen_id, expiry)}"
+        return f"{gen_id}.{expiry}.{self._sign(gen_id, expiry)}"
 
     def check_watch_token(self, token: str, gen_id: str) -> bool:
-        expiry_text, _, signature = token.partition(".")
+        """Whether ``token`` is a valid, unexpired watch token for ``gen_id`` (either format)."""
+        parts = token.split(".")
+        if len(parts) == 3 and not hmac.compare_digest(parts[0].encode(), gen_id.encode()):
+            return False
+        return len(parts) in (2, 3) and self._valid(gen_id, parts[-2], parts[-1])
+
+    def _token_generation(self, token: str) -> str | None:
+        """The generation a valid, unexpired watch token of the current format is for, else None."""
+        parts = token.split(".")
+        return parts[0] if len(parts) == 3 and self._valid(parts[0], parts[1], parts[2]) else None
+
+    def _valid(self, gen_id: str, expiry_text: str, signature: str) -> bool:
         if not expiry_text.isdigit() or int(expiry_text) < time.time():
             return False
         return hmac.compare_digest(signature.encode(), self._sign(gen_id, int(expiry_text)).encode())

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from fanline.shared.connections import UNAVAILABLE
-from fanline.shared.errors import FanlineError, InvalidRequest, NotFound, RateLimited, Unavailable
+from fanline.shared.errors import FanlineError, InvalidRequest, NotFound, RateLimited, Unauthorized, Unavailable
 
 log = logging.getLogger("fanline.api")
 
@@ -19,6 +19,8 @@ log = logging.getLogger("fanline.api")
 def error_response(exc: FanlineError, headers: Mapping[str, str] | None = None) -> JSONResponse:
     if isinstance(exc, RateLimited):
         headers = {**(headers or {}), "Retry-After": str(exc.retry_after)}
+    elif isinstance(exc, Unauthorized):  # RFC 6750: a 401 names the scheme it wants
+        headers = {**(headers or {}), "WWW-Authenticate": 'Bearer realm="fanline"'}
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 

@@ -14,6 +14,7 @@ from redis.exceptions import RedisError
 
 from fanline.api import metrics, transports
 from fanline.api.auth import GEN_HEADER, WATCH_TOKEN_HEADER, Auth
+from fanline.api.errors import error_response
 from fanline.api.generations import Generation, Generations, check_size, parse_request
 from fanline.api.hub import Hub
 from fanline.api.transports.ndjson import NDJSON
@@ -190,7 +191,7 @@ async def generation_ws(websocket: WebSocket, gen_id: str) -> None:
     except FanlineError as exc:
         # Refuse before the handshake completes: the client sees the HTTP status and body.
         try:
-            await websocket.send_denial_response(JSONResponse(exc.body(), status_code=exc.status))
+            await websocket.send_denial_response(error_response(exc))
         except RuntimeError:  # a server without the denial-response extension
             await websocket.close(4000 + exc.status, exc.message[:120])
         return

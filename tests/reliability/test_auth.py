@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import orjson
 import pytest
 from websockets.asyncio.client import connect
@@ -73,9 +74,14 @@ async def start(client: httpx.AsyncClient, key: str = KEY_A, max_tokens: int = 5
     return created["id"], created["watch_token"]
 
 
-def signed(gen_id: str, expiry: int) -> str:
+def signed(gen_id: str, expiry: int, secret: str = SECRET) -> str:
     """A watch token in the documented format (api/auth.py), signed with the pod's secret."""
-    mac = hmac.new(SECRET.encode(), f"{gen_id}|{expiry}".encode(), hashlib.sha256).digest()
+    return f"{gen_id}.{signed_v1(gen_id, expiry, secret)}"
+
+
+def signed_v1(gen_id: str, expiry: int, secret: str = SECRET) -> str:
+    """A watch token of the first format, ``<expiry>.<signature>`` (still accepted for its generation)."""
+    mac = hmac.new(secret.encode(), f"{gen_id}|{expiry}".encode(), hashlib.sha256).digest()
     return f"{expiry}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
 
 
@@ -102,12 +108,14 @@ async def test_without_a_valid_api_key_everything_but_health_is_401(anonymous: h
     for headers in ({}, {"Authorization": KEY_A}, {"Authorization": f"Basic {KEY_A}"}):  # no bearer at all
         for method, path, body in requests:
             assert_error(await anonymous.request(method, path, json=body, headers=headers), 401)
-    for method, path, body in requests:  # a wrong one: 401, or 403 where a watch token could also be the bearer
+    for method, path, body in requests:  # a wrong one: 401 authentication_error everywhere, naming the scheme
         response = await anonymous.request(method, path, json=body, headers=bearer(WRONG_KEY))
-        assert_error(response, 403 if response.status_code == 403 and "/v1/generations/" in path else 401)
+        assert assert_error(response, 401)["type"] == "authentication_error", (method, path)
+        assert response.headers["www-authenticate"].startswith("Bearer"), (method, path)
     assert (await anonymous.get("/healthz")).status_code == 200
     assert (await anonymous.get("/readyz")).status_code == 200
     assert await ws_refused(ws_url(str(anonymous.base_url), gen_id)) == 401
+    assert await ws_refused(ws_url(str(anonymous.base_url), gen_id, token=WRONG_KEY)) == 401
     # Either key works.
     for key in (KEY_A, KEY_B):
         response = await anonymous.post("/v1/chat/completions", json=chat_body(max_tokens=3), headers=bearer(key))
@@ -150,13 +158,23 @@ async def test_a_watch_token_grants_nothing_else(auth_stack: Stack, anonymous: h
     assert_error(await anonymous.get(f"/v1/generations/{gen_id}/events", headers=bearer(other_token)), 403)
     assert_error(await anonymous.get(f"/v1/generations/{gen_id}/events", params={"token": other_token}), 403)
     assert await ws_refused(ws_url(auth_stack.url, gen_id, token=other_token)) == 403
-    # A watch token is not an API key: it creates nothing, lists no metrics, cancels nothing.
-    assert_error(await anonymous.post("/v1/generations", json=chat_body(max_tokens=3), headers=bearer(token)), 401)
-    assert_error(await anonymous.get("/metrics", headers=bearer(token)), 401)
-    assert_error(await anonymous.post(f"/v1/generations/{gen_id}/cancel", headers=bearer(token)), 401)
+    # A watch token is not an API key: it creates nothing, lists no metrics, cancels nothing. It is a
+    # valid credential that does not cover these, so 403 permission_error (not 401).
+    for method, path in (
+        ("POST", "/v1/generations"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/metrics"),
+        ("POST", f"/v1/generations/{gen_id}/cancel"),
+        ("POST", "/v1/ai-sdk/chat"),
+        ("GET", "/v1/ai-sdk/chat/some-chat/stream"),
+        ("POST", "/v1/ai-sdk/chat/some-chat/stop"),
+    ):
+        body = chat_body(max_tokens=3) if method == "POST" else None
+        response = await anonymous.request(method, path, json=body, headers=bearer(token))
+        assert assert_error(response, 403)["type"] == "permission_error", (method, path)
     # ... not over the WebSocket either: the cancel message is answered with an error and the stream goes on.
     ws = await read_ws(ws_url(auth_stack.url, gen_id, token=token), WsRead(), send=['{"type": "cancel"}'])
-    assert ws.done and ws.replies and ws.replies[0]["error"]["type"] == "authentication_error"
+    assert ws.done and ws.replies and ws.replies[0]["error"]["type"] == "permission_error"
     # Another API key cannot cancel it; the key that created it can.
     assert_error(await anonymous.post(f"/v1/generations/{gen_id}/cancel", headers=bearer(KEY_B)), 403)
     final = (await anonymous.get(f"/v1/generations/{gen_id}", headers=bearer(KEY_A))).json()
@@ -169,33 +187,38 @@ async def test_a_watch_token_grants_nothing_else(auth_stack: Stack, anonymous: h
 
 async def test_expired_or_tampered_watch_tokens_are_refused(auth_stack: Stack, anonymous: httpx.AsyncClient) -> None:
     gen_id, token = await start(anonymous)
-    expiry, _, signature = token.partition(".")
+    _, expiry, signature = token.split(".")
     assert signed(gen_id, int(expiry)) == token  # the documented format, so the forgeries below are meaningful
-    expired = signed(gen_id, int(time.time()) - 1)
     flipped = signature[:-1] + ("A" if signature[-1] != "A" else "B")
-    refused = [
-        expired,
-        f"{int(expiry) + 3600}.{signature}",  # a later expiry under the old signature
-        f"{expiry}.{flipped}",
-        f"{expiry}.",
+    # Not a valid credential at all: 401 authentication_error.
+    invalid = [
+        signed(gen_id, int(time.time()) - 1),  # expired
+        f"{gen_id}.{int(expiry) + 3600}.{signature}",  # a later expiry under the old signature
+        f"{gen_id}.{expiry}.{flipped}",
+        f"{gen_id}.{expiry}.",
+        f"{uuid.uuid4().hex}.{expiry}.{signature}",  # this signature, claimed for another id
         token + "x",
         "garbage",
-        signed(uuid.uuid4().hex, int(expiry)),  # well signed, for another id
+        signed(gen_id, int(expiry), secret="another secret"),  # another deployment's token
+        signed_v1(uuid.uuid4().hex, int(expiry)),  # the first format names no id: it cannot be checked elsewhere
     ]
-    for bad in refused:
+    # A valid token for another generation: 403 permission_error.
+    other = signed(uuid.uuid4().hex, int(expiry))
+    for bad, status in [*((b, 401) for b in invalid), (other, 403)]:
         for response in (
             await anonymous.get(f"/v1/generations/{gen_id}", headers=bearer(bad)),
             await anonymous.get(f"/v1/generations/{gen_id}/events", params={"token": bad}),
+            await anonymous.get(
+                f"/v1/generations/{gen_id}/events", headers={"Accept": "application/x-ndjson", **bearer(bad)}
+            ),
         ):
-            assert response.status_code in (401, 403), (bad, response.status_code)
-            assert_error(response, response.status_code)
-        assert await ws_refused(ws_url(auth_stack.url, gen_id, token=bad)) in (401, 403)
-    # A token signed with another secret (another deployment) is refused too.
-    mac = hmac.new(b"another secret", f"{gen_id}|{expiry}".encode(), hashlib.sha256).digest()
-    foreign = f"{expiry}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
-    assert_error(await anonymous.get(f"/v1/generations/{gen_id}", headers=bearer(foreign)), 403)
-    # And the genuine one still works.
+            assert response.status_code == status, (bad, response.status_code)
+            assert_error(response, status)
+        assert await ws_refused(ws_url(auth_stack.url, gen_id, token=bad)) == status, bad
+    # The genuine one works, and so does a token of the first format for its own generation.
     assert (await anonymous.get(f"/v1/generations/{gen_id}", headers=bearer(token))).status_code == 200
+    old = signed_v1(gen_id, int(expiry))
+    assert (await anonymous.get(f"/v1/generations/{gen_id}", headers=bearer(old))).status_code == 200
 
 
 # -- logs ----------------------------------------------------------------------------------
@@ -268,3 +291,18 @@ async def test_cors_is_off_by_default(client: httpx.AsyncClient) -> None:
     response = await client.get("/healthz", headers={"Origin": ORIGIN})
     assert not any(name.startswith("access-control-") for name in response.headers)
     assert orjson.loads(response.content) == {"status": "ok"}
+
+
+async def test_the_openai_sdk_raises_authentication_error_for_a_wrong_key_and_permission_denied_for_a_token(
+    auth_stack: Stack, anonymous: httpx.AsyncClient
+) -> None:
+    """Issue 13: a wrong key was answered 403, which the SDK raises as PermissionDeniedError."""
+    _, token = await start(anonymous)
+    request = {"model": "demo", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for credential, error in ((WRONG_KEY, openai.AuthenticationError), (token, openai.PermissionDeniedError)):
+        async with openai.AsyncOpenAI(base_url=f"{auth_stack.url}/v1", api_key=credential, max_retries=0) as sdk:
+            with pytest.raises(error):
+                await sdk.chat.completions.create(**request)  # type: ignore[call-overload]
+    async with openai.AsyncOpenAI(base_url=f"{auth_stack.url}/v1", api_key=KEY_A, max_retries=0) as sdk:
+        done = await sdk.chat.completions.create(**request)  # type: ignore[call-overload]
+        assert done.choices[0].message.content
