@@ -6,15 +6,16 @@ dimmed and content normally, and ``chat`` cancels its generation on Ctrl-C.
 
 from __future__ import annotations
 
+import asyncio
 import sys
-import time
 from typing import Any
 
 import httpx
-import orjson
 from httpx_sse import connect_sse
 
-MAX_RECONNECTS = 20
+from fanline.client import DONE, GenerationError, Update, WatchError, parse_event
+from fanline.client import watch as watch_updates
+
 _DIM, _RESET = "\033[2m", "\033[0m"
 
 
@@ -35,25 +36,28 @@ class _Viewer:
         for sse in source.iter_sse():
             if sse.id:
                 self.last_event_id = sse.id
-            if sse.data == "[DONE]":
+            try:
+                parsed = parse_event(sse.id, sse.data)
+            except GenerationError as exc:
+                self.fail(exc)
+                continue
+            if parsed is DONE:
                 self.done = True
                 return
-            if not sse.data:
-                continue
-            payload = orjson.loads(sse.data)
-            if "error" in payload:
-                self.failed = True
-                print(f"\nfanline: generation failed: {payload['error'].get('message')}", file=sys.stderr)
-                continue
-            for choice in payload.get("choices", ()):
-                delta = choice.get("delta", {})
-                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                if reasoning:
-                    self._write(reasoning, dim=True)
-                if delta.get("content"):
-                    self._write(delta["content"], dim=False)
-                if choice.get("finish_reason") == "cancelled":
-                    print("\nfanline: cancelled", file=sys.stderr)
+            if isinstance(parsed, Update):
+                self.show(parsed)
+
+    def show(self, update: Update) -> None:
+        if update.reasoning:
+            self._write(update.reasoning, dim=True)
+        if update.content:
+            self._write(update.content, dim=False)
+        if update.finish_reason == "cancelled":
+            print("\nfanline: cancelled", file=sys.stderr)
+
+    def fail(self, exc: GenerationError) -> None:
+        self.failed = True
+        print(f"\nfanline: generation failed: {exc}", file=sys.stderr)
 
     def _write(self, text: str, *, dim: bool) -> None:
         if self._dim and dim != self._in_reasoning:
@@ -73,21 +77,21 @@ def _client(url: str, api_key: str | None) -> httpx.Client:
     return httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(10.0, read=60.0))
 
 
-def _follow(client: httpx.Client, gen_id: str, viewer: _Viewer) -> None:
-    """Resume through the events endpoint until the end, with backoff between attempts."""
-    for attempt in range(MAX_RECONNECTS):
-        headers = {"Last-Event-ID": viewer.last_event_id} if viewer.last_event_id else {}
+def _follow(url: str, gen_id: str, viewer: _Viewer, api_key: str | None) -> None:
+    """Resume after the viewer's last event until the end (fanline.watch does the reconnecting)."""
+
+    async def run() -> None:
         try:
-            with connect_sse(client, "GET", f"/v1/generations/{gen_id}/events", headers=headers) as source:
-                viewer.consume(source.response, source)
-        except httpx.TransportError as exc:
-            print(f"\nfanline: connection lost ({type(exc).__name__}); resuming…", file=sys.stderr)
-            time.sleep(min(0.2 * 2**attempt, 5.0))
-            continue
-        if viewer.done:
-            return
-        print("\nfanline: stream closed early (the server asked to reconnect); resuming…", file=sys.stderr)
-    raise SystemExit("fanline: gave up reconnecting")
+            async for update in watch_updates(url, gen_id, last_event_id=viewer.last_event_id, api_key=api_key):
+                viewer.last_event_id = update.id
+                viewer.show(update)
+        except GenerationError as exc:
+            viewer.fail(exc)
+        except WatchError as exc:
+            raise SystemExit(f"fanline: {exc}") from None
+        viewer.done = True
+
+    asyncio.run(run())
 
 
 def chat(url: str, prompt: str, model: str, max_tokens: int | None, api_key: str | None) -> int:
@@ -108,7 +112,8 @@ def chat(url: str, prompt: str, model: str, max_tokens: int | None, api_key: str
             except httpx.ConnectError as exc:
                 raise SystemExit(f"fanline: cannot reach {url}: {exc}") from None
             if not viewer.done and gen_id:
-                _follow(client, gen_id, viewer)
+                print("\nfanline: stream ended early; resuming…", file=sys.stderr)
+                _follow(url, gen_id, viewer, api_key)
         except KeyboardInterrupt:
             viewer.close()
             if gen_id:
@@ -123,11 +128,10 @@ def chat(url: str, prompt: str, model: str, max_tokens: int | None, api_key: str
 def watch(url: str, gen_id: str, last_event_id: str | None, api_key: str | None) -> int:
     viewer = _Viewer()
     viewer.last_event_id = last_event_id
-    with _client(url, api_key) as client:
-        try:
-            _follow(client, gen_id, viewer)
-        except KeyboardInterrupt:
-            pass  # watching only: the generation goes on
+    try:
+        _follow(url, gen_id, viewer, api_key)
+    except KeyboardInterrupt:
+        pass  # watching only: the generation goes on
     viewer.close()
     return 1 if viewer.failed else 0
 
