@@ -20,8 +20,10 @@ def stack(stack_factory: StackFactory) -> Stack:
     return stack_factory(demo_tokens_per_s="50")
 
 
-async def collect(updates: list[fanline.Update], url: str | list[str], gen_id: str, **kwargs: str) -> None:
-    async for update in fanline.watch(url, gen_id, **kwargs):
+async def collect(
+    updates: list[fanline.Update], url: str | list[str], gen_id: str, last_event_id: str | None = None
+) -> None:
+    async for update in fanline.watch(url, gen_id, last_event_id=last_event_id):
         updates.append(update)
 
 
