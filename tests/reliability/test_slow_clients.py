@@ -78,7 +78,9 @@ def read_to_eof(sock: socket.socket, timeout: float) -> bytes:
 
 
 async def cutoffs(client: httpx.AsyncClient) -> float:
-    metrics = (await client.get("/metrics")).text
+    # Connection: close: a poll must not reuse a pooled connection the pod may be closing as idle
+    # (CI pin: "Server disconnected without sending a response" on the reused keep-alive socket).
+    metrics = (await client.get("/metrics", headers={"Connection": "close"})).text
     found = re.search(r"^fanline_slow_viewer_cutoffs_total (\S+)$", metrics, re.MULTILINE)
     return float(found.group(1)) if found else 0.0
 
