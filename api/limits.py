@@ -14,7 +14,7 @@ takes the time from Redis, so API pods with skewed clocks agree.
 Concurrency: a sorted set of the key's live (queued or running) generation ids,
 scored by the time the entry goes stale (``UNFINISHED_TTL_S`` after admission, when
 an unfinished generation's keys expire anyway). The worker removes an id when its
-generation ends (worker/job.py ``_ended``). A generation that ended without that
+generation ends (worker/job.py ``mark_ended``). A generation that ended without that
 removal (its worker was killed and a reaper failed it) is found the moment it
 matters: when the key is at its limit, the statuses of its live ids are read, the
 finished ones removed, and the request checked again.

@@ -11,6 +11,10 @@ FanlineError                      500 server_error
 ├── RateLimited                   429 rate_limit_error (with a Retry-After)
 ├── Unavailable                   503 service_unavailable
 └── GenerationFailed              a generation's terminal error (not an HTTP status)
+
+Stopped                           a producer must stop publishing (not an HTTP status)
+├── Cancelled                     a viewer cancelled the generation
+└── Disowned                      no longer this producer's: reaped as worker_lost, or lost by Redis
 """
 
 from __future__ import annotations
@@ -98,3 +102,16 @@ class GenerationFailed(FanlineError):
     """Raised by a generator; becomes the generation's terminal error event."""
 
     code = "generation_failed"
+
+
+class Stopped(Exception):
+    """The producer of a generation must stop publishing it (fanline.Producer raises these from ``add``)."""
+
+
+class Cancelled(Stopped):
+    """A viewer cancelled the generation (``POST /v1/generations/{id}/cancel``, or a WebSocket cancel)."""
+
+
+class Disowned(Stopped):
+    """The generation is no longer this producer's to write: a reaper ended it as ``worker_lost``
+    (its heartbeats stopped reaching Redis), or Redis lost it. Nothing more is written."""

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from fanline.shared import keys
 from fanline.shared.connections import UNAVAILABLE
-from fanline.shared.errors import GenerationFailed
+from fanline.shared.errors import Disowned, GenerationFailed
 from fanline.shared.keys import Meta
 from fanline.shared.logs import gen_id_var
 from fanline.shared.requests import ChatCompletionRequest
@@ -56,10 +56,6 @@ class Running:
             return False
         task.cancel()
         return True
-
-
-class Disowned(Exception):
-    """The generation is no longer this worker's to write (reaped, or lost by Redis)."""
 
 
 async def generate(ctx: dict[str, Any], gen_id: str) -> str:
@@ -132,7 +128,11 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
             # Until the generation has ended, not just its producer: the last writes may
             # wait for Redis (an outage, a failover), and a generation without a heartbeat
             # meanwhile would be failed as worker_lost the moment Redis is back.
-            keepalive = asyncio.create_task(_keepalive(redis, queue, settings, gen_id, task, publisher))
+            keepalive = asyncio.create_task(
+                beat_until_ended(
+                    redis, queue, settings, gen_id, publisher, task.cancel, task.done, settings.idle_cancel_s
+                )
+            )
             try:
                 await task
             except asyncio.CancelledError:
@@ -167,13 +167,13 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
         if keepalive is not None:
             keepalive.cancel()
             await asyncio.gather(keepalive, return_exceptions=True)
-    await _ended(redis, queue, gen_id, status, owner)
+    await mark_ended(redis, queue, gen_id, status, owner)
     metrics.GENERATION_DURATION.observe(time.monotonic() - started)
     log.info("generation %s %s after %d events", gen_id, status, publisher.seq)
     return status
 
 
-async def _ended(redis: aioredis.Redis, queue: aioredis.Redis, gen_id: str, status: str, owner: str = "") -> None:
+async def mark_ended(redis: aioredis.Redis, queue: aioredis.Redis, gen_id: str, status: str, owner: str = "") -> None:
     """After the end (whose write also set the outcome and the expiry): off the reaper's list,
     and off its API key's live generations (the per-key concurrency limit, api/limits.py)."""
     await queue.zrem(keys.RUNNING, gen_id)
@@ -189,21 +189,28 @@ async def _end_on_shutdown(
     try:
         async with asyncio.timeout(_SHUTDOWN_WRITE_S):
             await asyncio.shield(publisher.fail(message, "worker_shutdown"))
-            await _ended(redis, queue, gen_id, "failed", owner)
+            await mark_ended(redis, queue, gen_id, "failed", owner)
     except Exception as exc:  # the reaper will end it as worker_lost instead
         log.warning("generation %s: could not write its shutdown error: %s", gen_id, exc)
 
 
-async def _keepalive(
+async def beat_until_ended(
     redis: aioredis.Redis,
     queue: aioredis.Redis,
     settings: Settings,
     gen_id: str,
-    task: asyncio.Task[None],
     publisher: Publisher,
+    stop: Callable[[], object],
+    stopped: Callable[[], bool],
+    idle_cancel_s: float = 0.0,
 ) -> None:
     """Heartbeat for the reaper until the generation has ended (its last writes included); the
-    cancel flag and idle-viewer cancel, for a generator that is quiet."""
+    cancel flag and idle-viewer cancel, for a producer that is quiet.
+
+    ``stop`` stops the producer (the worker cancels its generator's task) once the publisher's
+    ``cancel_requested`` or ``disowned`` is set; ``stopped`` tells whether it already has.
+    The producer library (fanline/producer.py) beats the same way for an app's generations.
+    """
     meta_key = keys.meta_key(gen_id)
     beat = redis.register_script(_BEAT)
     while True:  # until the generation has ended: generate() cancels it
@@ -231,15 +238,15 @@ async def _keepalive(
         if isinstance(beaten, BaseException):
             continue  # Redis away for a moment: beat again next time
         status, cancel, viewed_at = beaten
-        if task.done():
+        if stopped():
             continue  # the producer has finished; only the last writes are left
         if status != b"running":
             publisher.disowned = True
-            task.cancel()
+            stop()
             return
-        idle = settings.idle_cancel_s > 0 and viewed_at is not None and now - float(viewed_at) > settings.idle_cancel_s
+        idle = idle_cancel_s > 0 and viewed_at is not None and now - float(viewed_at) > idle_cancel_s
         if cancel or idle:
             if idle:
-                log.info("generation %s: no viewer for %.0f s, cancelling", gen_id, settings.idle_cancel_s)
+                log.info("generation %s: no viewer for %.0f s, cancelling", gen_id, idle_cancel_s)
             publisher.cancel_requested = True
-            task.cancel()  # and beat on while the cancelled generation's end is written
+            stop()  # and beat on while the cancelled generation's end is written
