@@ -1,4 +1,4 @@
-"""``mypy --strict`` over the code as it is imported, ``fanline.*``, and the tests.
+"""``mypy --strict`` over the code as it is imported, ``fanline.*``, the tests and the examples.
 
 The repository keeps its folders (``api/``, ``worker/``, ...) at the top and pyproject.toml
 maps them to ``fanline.api``, ``fanline.worker``, ... mypy cannot follow that mapping (nor
@@ -26,7 +26,7 @@ def package_dir() -> dict[str, str]:
 
 
 def link_tree(into: Path) -> None:
-    """``into/fanline`` and ``into/tests`` as the installed package and the tests see them."""
+    """``into/fanline``, ``into/tests`` and ``into/examples`` as the installed package and the tests see them."""
     mapping = package_dir()
     (into / "fanline").mkdir()
     for entry in (ROOT / mapping["fanline"]).iterdir():
@@ -36,6 +36,7 @@ def link_tree(into: Path) -> None:
         if name != "fanline":
             (into / "fanline" / name.removeprefix("fanline.")).symlink_to(ROOT / folder)
     (into / "tests").symlink_to(ROOT / "tests")
+    (into / "examples").symlink_to(ROOT / "examples")
 
 
 def main() -> int:
@@ -54,6 +55,8 @@ def main() -> int:
                 "fanline",
                 "-p",
                 "tests",
+                "-p",
+                "examples",
             ],
             cwd=tmp,
             capture_output=True,

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +27,11 @@ import pytest
 import redis
 from redis.crc import key_slot
 
+import fanline
 from fanline.cli.valkey import EmbeddedCluster, EmbeddedValkey
 from fanline.shared import keys
 from fanline.shared.settings import Settings
-from tests.support import Received, Stack, create, generation, read_sse
+from tests.support import Received, Stack, create, generation, read_sse, read_sse_at, settled_at
 
 OUTPUT = Path(__file__).resolve().parents[2] / "test-output"
 
@@ -167,6 +168,43 @@ async def test_generations_spread_over_shards_and_nodes_stream_exactly(cluster_s
                         client.exists(keys.events_key(gen_id))
             finally:
                 client.close()
+
+
+async def test_app_generations_from_the_producer_library_stream_exactly(cluster_stack: ClusterStack) -> None:
+    """fanline.Producer on the Cluster (issue 12): generations on several nodes, written by the
+    app (by hand, and by stream_response's background feed), each read on one pod and resumed on
+    the other."""
+    cluster, queue = cluster_stack.cluster, cluster_stack.queue
+    settings = Settings(redis_url=cluster.url, redis_cluster=True, queue_redis_url=queue.url)
+    first_pod, second_pod = cluster_stack.stack.api_urls
+    words = [f" w{i}" for i in range(30)]
+
+    async def text() -> AsyncIterator[str]:
+        for word in words:
+            yield word
+            await asyncio.sleep(0.002)
+
+    async with fanline.Producer(settings) as producer:
+        gens = []
+        for _ in range(8):
+            async with producer.generation(model="app") as gen:
+                for word in words:
+                    gen.add(word)
+                    await asyncio.sleep(0.001)
+            gens.append(gen.id)
+        response = await producer.stream_response(text(), model="wrapped")
+        gens.append(response.gen_id)
+        await settled_at(first_pod, response.gen_id)  # fed in the background while the producer is open
+    async with httpx.AsyncClient(base_url=first_pod, timeout=30) as first:
+        for gen_id in gens:
+            head = await read_sse(first, "GET", f"/v1/generations/{gen_id}/events", stop_after=2)
+            tail = await read_sse_at(second_pod, gen_id, Received(), last_event_id=head.ids[-1])
+            info = await generation(first, gen_id)
+            assert info["status"] == "completed" and info["content"] == "".join(words)
+            assert head.text + tail.text == info["content"]
+            seqs = [int(i.split("-")[0]) for i in head.ids + tail.ids]
+            assert seqs == list(range(1, len(seqs) + 1)), "a gap or a duplicate"
+    assert len({_owner_port(cluster, g) for g in gens}) > 1, "9 generations all on one node"
 
 
 @pytest.fixture
