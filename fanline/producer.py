@@ -40,8 +40,7 @@ from starlette.requests import Request
 
 from fanline.api.auth import Auth
 from fanline.api.hub import Hub
-from fanline.api.transports import EventStreamResponse, Transport
-from fanline.api.transports.ai_sdk import UIMessageStream
+from fanline.api.transports import EventStreamResponse, Transport, ai_sdk
 from fanline.api.transports.ndjson import NDJSON
 from fanline.api.transports.sse import SSE
 from fanline.shared import keys
@@ -351,7 +350,7 @@ class Producer:
         generation._on_stop.append(pump.cancel)
         accept = request.headers.get("accept", "") if request is not None else ""
         chosen = transport or ("ndjson" if "application/x-ndjson" in accept else "sse")
-        headers = self.auth.creation_headers(generation.id)
+        headers = self.auth.creation_headers(generation.id) | (ai_sdk.HEADERS if chosen == "ai-sdk" else {})
         return EventStreamResponse(await self.hub(), generation.id, 0, _transport(chosen, generation.id), headers)
 
     async def hub(self) -> Hub:
@@ -410,7 +409,7 @@ def _transport(name: str, gen_id: str) -> Transport:
     if name == "ndjson":
         return NDJSON()
     if name == "ai-sdk":
-        return UIMessageStream(gen_id)
+        return ai_sdk.UIMessageStream(gen_id)
     raise ValueError(f"unknown transport {name!r}: use 'sse', 'ndjson' or 'ai-sdk'")
 
 

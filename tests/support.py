@@ -56,6 +56,16 @@ def wait_http_ok(url: str, process: subprocess.Popen[bytes] | None = None, timeo
     raise TimeoutError(f"{url} did not answer 200 within {timeout} s")
 
 
+def start_asgi_app(target: str, env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """An app of the user's kind (``module:app``) under uvicorn as a real process; its URL once it answers."""
+    port = free_port()
+    argv = [sys.executable, "-m", "uvicorn", target, "--port", str(port)]
+    process = spawn_logged(argv, {**os.environ, **env}, log_path, REPO)
+    url = f"http://127.0.0.1:{port}"
+    wait_http_ok(url + "/openapi.json", process)
+    return process, url
+
+
 @dataclass
 class Stack:
     """API pods and workers on one Redis, with a queue of their own."""

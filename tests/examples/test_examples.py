@@ -7,9 +7,7 @@ exactly on a fanline API pod."""
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -17,18 +15,17 @@ import httpx
 import orjson
 import pytest
 
-from fanline.cli.valkey import free_port, spawn_logged, stop_process
+from fanline.cli.valkey import stop_process
 from tests.conftest import OUTPUT, StackFactory
 from tests.support import (
-    REPO,
     Received,
     Stack,
     read_sse,
     read_sse_at,
     read_ws,
     settled_at,
+    start_asgi_app,
     text_of,
-    wait_http_ok,
     wait_until,
     ws_url,
 )
@@ -61,7 +58,6 @@ def stack(stack_factory: StackFactory) -> Stack:
 def apps(upstream: Upstream, redis_url: str) -> Iterator[dict[str, App]]:
     """Each example app, started once per backend: the same code a user runs with uvicorn."""
     env = {
-        **os.environ,
         "FANLINE_REDIS_URL": redis_url,
         "OPENAI_BASE_URL": upstream.base_url,
         "OPENAI_API_KEY": "unused-by-the-stand-in",
@@ -77,12 +73,8 @@ def apps(upstream: Upstream, redis_url: str) -> Iterator[dict[str, App]]:
     started: dict[str, App] = {}
     try:
         for name, (model, expected) in specs.items():
-            port = free_port()
-            argv = [sys.executable, "-m", "uvicorn", f"examples.{name}:app", "--port", str(port)]
-            process = spawn_logged(argv, env, OUTPUT / "examples" / f"{name}.log", REPO)
+            process, url = start_asgi_app(f"examples.{name}:app", env, OUTPUT / "examples" / f"{name}.log")
             processes.append(process)
-            url = f"http://127.0.0.1:{port}"
-            wait_http_ok(url + "/openapi.json", process)
             started[name] = App(name, url, model, expected)
         yield started
     finally:
