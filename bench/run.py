@@ -28,10 +28,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from arq.connections import RedisSettings, create_pool
 
-from fanline.bench import report, scenarios
+from fanline.bench import chaos, report, scenarios
 from fanline.bench.stack import Stack
 
 SCENARIOS = ("ttft", "fanout", "many", "idle", "late")
+# Runs alone, and only when asked for: a soak under faults, not a side-by-side (bench/chaos.py).
+CHAOS = "chaos"
+CHAOS_MINUTES = {"full": 10.0, "quick": 1.0, "smoke": 0.25}
+DEFAULT_OUTPUT = Path("bench/results/latest.json")
 
 # Sizes per mode; any option given on the command line wins.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -76,7 +80,11 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--quick", action="store_const", dest="mode", const="quick", help="smaller sizes: < 2 minutes")
     mode.add_argument("--smoke", action="store_const", dest="mode", const="smoke", help="tiny sizes: seconds (CI)")
     p.set_defaults(mode="full")
-    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {', '.join(SCENARIOS)}")
+    p.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated, of {', '.join(SCENARIOS)}; or {CHAOS} alone (the soak under faults)",
+    )
     p.add_argument("--systems", default="fanline,baseline", help="fanline, baseline, or both")
     p.add_argument("--pods", type=int, default=2, help="API pods per system (late joiners and resumes use the 2nd)")
     p.add_argument("--loadgens", type=int, default=1, help="minimum load-generator processes per phase")
@@ -100,8 +108,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--ttft-rounds", type=int)
     g.add_argument("--ttft-tokens", type=int)
     g.add_argument("--max-scenario-s", type=float, help="cap on any one phase (viewers not done by then are errors)")
+    g.add_argument("--chaos-minutes", type=float, help="chaos: length of the soak (full 10, quick 1, smoke 0.25)")
+    g.add_argument("--chaos-generations", type=int, default=50, help="chaos: generations kept running")
+    g.add_argument("--chaos-viewers", type=int, default=4, help="chaos: viewers of each generation")
+    g.add_argument("--seed", type=int, default=1, help="chaos: the seed of the faults' kinds, targets and times")
     o = p.add_argument_group("output")
-    o.add_argument("--output", type=Path, default=Path("bench/results/latest.json"), help="the JSON file")
+    o.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the JSON file (chaos: chaos.json beside it)")
     o.add_argument("--chart", type=Path, default=None, help="the PNG chart (default: the JSON path with .png)")
     o.add_argument("--no-chart", action="store_true")
     o.add_argument(
@@ -122,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    if CHAOS in chosen:
+        return _chaos(args, chosen, argv)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS] + [s for s in systems if s not in ("fanline", "baseline")]
     if unknown:
@@ -183,6 +197,34 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fanline bench: NOT EXACT: {', '.join(inexact)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _chaos(args: argparse.Namespace, chosen: list[str], argv: list[str] | None) -> int:
+    if chosen != [CHAOS]:
+        print(f"fanline bench: {CHAOS} runs alone (it is a soak, not a side-by-side)", file=sys.stderr)
+        return 2
+    minutes = args.chaos_minutes if args.chaos_minutes is not None else CHAOS_MINUTES[args.mode]
+    spec = chaos.Spec(
+        duration_s=minutes * 60,
+        seed=args.seed,
+        generations=args.chaos_generations,
+        viewers_per_generation=args.chaos_viewers,
+    )
+    if args.mode == "smoke":  # seconds, in CI: a fault every few seconds, short generations
+        spec.tokens, spec.fault_every_s = 40, (2.0, 4.0)
+    output = args.output if args.output != DEFAULT_OUTPUT else DEFAULT_OUTPUT.with_name("chaos.json")
+    signal.signal(signal.SIGTERM, _interrupt)
+    work_dir = Path(tempfile.mkdtemp(prefix="fanline-chaos-"))
+    try:
+        return chaos.run(work_dir, spec, output)
+    except KeyboardInterrupt:
+        print("fanline bench: interrupted; stopping what it started", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            print(f"fanline bench: logs kept in {work_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

@@ -51,3 +51,25 @@ def test_smoke_run_is_exact_for_both_systems(tmp_path: Path) -> None:
         "redis_ratio",
         "storm",
     }
+
+
+@pytest.mark.timeout(300)
+def test_chaos_smoke_soak_checks_every_event_under_faults(tmp_path: Path) -> None:
+    """The chaos soak (issue 13) in seconds: faults do hit, and its exactness check runs on every
+    viewer (what it found is asserted as exact: a lost or duplicated event here is a bug)."""
+    output = tmp_path / "chaos.json"
+    argv = [sys.executable, "-m", "fanline.bench", "--smoke", "--scenarios", "chaos", "--chaos-minutes", "0.3"]
+    run = subprocess.run(
+        [*argv, "--chaos-generations", "10", "--seed", "3", "--output", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        stdin=subprocess.DEVNULL,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    result = json.loads(output.read_text())
+    assert result["faults"], "no fault hit during the soak"
+    assert result["generations"] > 10 and result["events_delivered"] > 0
+    assert (result["lost"], result["duplicated"], result["reordered"], result["content_mismatches"]) == (0, 0, 0, 0)
+    assert "lost / duplicated / reordered" in run.stdout
