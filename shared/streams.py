@@ -249,6 +249,7 @@ local tuple = pid .. '\\n' .. ARGV[6] .. '\\n' .. ARGV[7]
 local data_count = #ARGV - 9
 if m[3] == '1' then
   if pid ~= '' and m[4] == tuple then return {'duplicate_closed', tail, tonumber(ARGV[7]), 0} end
+  if pid == '' and data_count == 0 then return {'ok', tail, 1, 0} end  -- closing again: idempotent
   return {'closed', tail, 0, 0}
 end
 if data_count > 0 then
