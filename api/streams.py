@@ -51,7 +51,6 @@ from fanline.shared.errors import (
     RequestTimeout,
     Unavailable,
 )
-from fanline.shared.events import Event
 from fanline.shared.ids import is_generation_id
 from fanline.shared.keys import StreamMeta
 from fanline.shared.settings import Settings
@@ -66,6 +65,9 @@ _DIGITS = re.compile(r"[0-9]+")
 _CONTENT_TYPE = re.compile(r"[\w-]+/[\w-]+")
 _MAX_SAFE_INTEGER = 2**53 - 1
 _COMPRESS_FROM = 1024
+# What ends a live wait early without an error for the client (it reads on from its offset).
+_WAIT_ENDS: tuple[type[BaseException], ...] = (TimeoutError, HistoryGone, *RECONNECT_ON)
+_SSE_ENDS: tuple[type[BaseException], ...] = (HistoryGone, FanlineError, *RECONNECT_ON)
 
 # Cursor intervals (the protocol's CDN request collapsing): 20 s since 2024-10-09 UTC.
 _CURSOR_EPOCH_MS = 1728432000000
@@ -444,7 +446,7 @@ async def _wait(source: _Source, after: int) -> tuple[list[Message], bool]:
                     closed = batch[-1].is_end
                     if messages or closed:
                         return messages, closed
-    except (TimeoutError, HistoryGone, *RECONNECT_ON):
+    except _WAIT_ENDS:
         pass
     finally:
         gone.cancel()
@@ -552,7 +554,7 @@ class _SSEResponse(Response):
                 await send({"type": "http.response.body", "body": body, "more_body": True})
                 if batch and batch[-1].is_end:
                     return
-        except (HistoryGone, FanlineError, *RECONNECT_ON):
+        except _SSE_ENDS:
             pass  # the client reconnects from its last control event's offset
         finally:
             gone.cancel()
