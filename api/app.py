@@ -23,11 +23,13 @@ from fanline.api.errors import error_response
 from fanline.api.generations import Generations
 from fanline.api.hub import Hub
 from fanline.api.routes import events_response, router
+from fanline.api.streams import router as streams_router
 from fanline.shared.connections import UNAVAILABLE, events_redis
 from fanline.shared.errors import FanlineError, Unavailable
 from fanline.shared.logs import gen_id_var, request_id_var
 from fanline.shared.reaper import Reaper
 from fanline.shared.settings import Settings
+from fanline.shared.streams import Streams
 
 log = logging.getLogger("fanline.api")
 
@@ -111,6 +113,7 @@ def create_app(settings: Settings | None = None) -> Edge:
         app.state.queue = queue
         app.state.hub = hub
         app.state.generations = Generations(redis, queue, settings)
+        app.state.streams = Streams(redis, settings)
         app.state.draining = False
         # Everything made at start-up lives as long as the process: keep it out of the
         # cyclic collector's scans, which otherwise walk it on every collection.
@@ -139,5 +142,6 @@ def create_app(settings: Settings | None = None) -> Edge:
         )
 
     app.include_router(router)
+    app.include_router(streams_router)
     app.include_router(web.router)
     return Edge(app, fast_events=not origins)

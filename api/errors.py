@@ -17,6 +17,8 @@ log = logging.getLogger("fanline.api")
 
 
 def error_response(exc: FanlineError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    if exc.headers:
+        headers = {**(headers or {}), **exc.headers}
     if isinstance(exc, RateLimited):
         headers = {**(headers or {}), "Retry-After": str(exc.retry_after)}
     elif isinstance(exc, Unauthorized):  # RFC 6750: a 401 names the scheme it wants

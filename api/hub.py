@@ -44,11 +44,14 @@ _VIEWED_REFRESH_S = 2.0
 
 
 class Topic:
-    """One generation watched on this pod: its recent events, and its waiting viewers."""
+    """One generation (or Durable Stream) watched on this pod: its recent events, and its waiting viewers."""
 
-    def __init__(self, gen_id: str, start_seq: int, capacity: int) -> None:
+    def __init__(self, gen_id: str, start_seq: int, capacity: int, raw: tuple[bytes, str] | None = None) -> None:
         self.gen_id = gen_id
-        self.key = keys.events_key(gen_id).encode()
+        # A generation's events key and shard; or, for a Durable Stream (api/streams.py),
+        # the raw stream key and shard tag it names.
+        self.generation = raw is None
+        self.key, self.shard = raw or (keys.events_key(gen_id).encode(), keys.shard(gen_id))
         # The recent events, contiguous; a list (slices are cheap) trimmed to
         # ``capacity`` in halves, so a trim costs O(1) per appended event.
         self.ring: list[Event] = []
@@ -205,9 +208,18 @@ class Hub:
     # -- viewers -----------------------------------------------------------
 
     async def follow(
-        self, gen_id: str, cursor: int, stop: asyncio.Future[Any], *, drainable: bool = True
+        self,
+        gen_id: str,
+        cursor: int,
+        stop: asyncio.Future[Any],
+        *,
+        drainable: bool = True,
+        raw: tuple[bytes, str] | None = None,
     ) -> AsyncIterator[list[Event] | None]:
         """Batches of events strictly after ``cursor``, ending with the end event.
+
+        ``raw`` (key, shard tag) follows any Redis Stream with ``<seq>-0`` ids instead of a
+        generation (a Durable Stream; ``gen_id`` is then its topic name).
 
         Yields None at each heartbeat tick that found nothing new. Returns when
         ``stop`` completes (the client went away); raises Draining when the pod
@@ -215,7 +227,7 @@ class Hub:
         for its answer, within the server's graceful-shutdown time), and
         HistoryGone when the cursor is older than Redis keeps.
         """
-        topic = self._subscribe(gen_id, cursor)
+        topic = self._subscribe(gen_id, cursor, raw)
         limit = self.settings.hub_batch_events
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[None] | None = None
@@ -264,10 +276,10 @@ class Hub:
             )
         return batch
 
-    def _subscribe(self, gen_id: str, cursor: int) -> Topic:
+    def _subscribe(self, gen_id: str, cursor: int, raw: tuple[bytes, str] | None = None) -> Topic:
         topic = self._topics.get(gen_id)
         if topic is None:
-            topic = Topic(gen_id, cursor, self.settings.hub_buffer_events)
+            topic = Topic(gen_id, cursor, self.settings.hub_buffer_events, raw)
             self._topics[gen_id] = topic
             self._by_key[topic.key] = topic
             self._wake_reader(topic)
@@ -287,7 +299,7 @@ class Hub:
     def _group(self, topic: Topic) -> str:
         # One XREAD may only name keys of one cluster slot: on a cluster, one reader
         # per shard tag (shared/keys.py); on a single Redis, one reader for all.
-        return keys.shard(topic.gen_id) if self.settings.redis_cluster else ""
+        return topic.shard if self.settings.redis_cluster else ""
 
     def _wake_reader(self, topic: Topic) -> None:
         group = self._group(topic)
@@ -315,7 +327,7 @@ class Hub:
         and end, for the viewers, any generation Redis no longer has."""
         while True:
             await asyncio.sleep(self._viewed_refresh_s)
-            watched = [t for t in self._topics.values() if not t.finished]
+            watched = [t for t in self._topics.values() if not t.finished and t.generation]
             if not watched:
                 continue
             now = time.time()

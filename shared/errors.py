@@ -7,6 +7,8 @@ FanlineError                      500 server_error
 ├── NotFound                      404 not_found_error
 ├── RequestTimeout                408 invalid_request_error
 ├── Conflict                      409 conflict_error
+├── MethodNotAllowed              405 invalid_request_error
+├── Gone                          410 not_found_error
 ├── PayloadTooLarge               413 invalid_request_error
 ├── RateLimited                   429 rate_limit_error (with a Retry-After)
 ├── Unavailable                   503 service_unavailable
@@ -27,12 +29,21 @@ class FanlineError(Exception):
     type = "server_error"
     code = "internal_error"
 
-    def __init__(self, message: str, *, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
         self.param = param
+        # Response headers the error carries (the Durable Streams protocol's, e.g. Producer-Epoch).
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -60,6 +71,18 @@ class NotFound(FanlineError):
     status = 404
     type = "not_found_error"
     code = "not_found"
+
+
+class MethodNotAllowed(FanlineError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class Gone(FanlineError):
+    status = 410
+    type = "not_found_error"
+    code = "gone"
 
 
 class RequestTimeout(FanlineError):

@@ -20,6 +20,8 @@ An API key's limits (api/limits.py) have a tag of their own, the key's owner nam
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "fanline"
 
 
@@ -115,3 +117,54 @@ class Meta:
 # Time a generation's keys live before it has finished (queued or running): long
 # enough for any generation, short enough that an abandoned one goes away.
 UNFINISHED_TTL_S = 24 * 3600
+
+
+# -- Durable Streams (shared/streams.py) --------------------------------------
+#
+# A Durable Stream is named by its URL path, chosen by clients: its keys are named by
+# the path's SHA-256 (no client text in a key name) and tagged with the first two hex
+# digits of it, the same 256 shard tags as generations, so the hub's per-shard reader
+# follows streams and generations of a shard with one XREAD on a Cluster.
+#
+#     fanline:{9b}:ds:9b1e…:data       the messages (a Redis Stream, ids <seq>-0)
+#     fanline:{9b}:ds:9b1e…:meta       the metadata hash (fields: StreamMeta below)
+#     fanline:{9b}:ds:9b1e…:producers  idempotent producers: id → "<epoch>:<last seq>"
+
+
+def stream_id(path: str) -> str:
+    return hashlib.sha256(path.encode()).hexdigest()
+
+
+def _stream_base(path: str) -> str:
+    digest = stream_id(path)
+    return f"{PREFIX}:{{{digest[:2]}}}:ds:{digest}"
+
+
+def stream_keys(path: str) -> tuple[str, str, str]:
+    """The stream's meta hash, data stream and producers hash (one slot)."""
+    base = _stream_base(path)
+    return f"{base}:meta", f"{base}:data", f"{base}:producers"
+
+
+def stream_shard(path: str) -> str:
+    return stream_id(path)[:2]
+
+
+class StreamMeta:
+    """Field names of a Durable Stream's metadata hash."""
+
+    CONTENT_TYPE = "ct"  # as the creator sent it
+    TAIL = "tail"  # seq of the newest message (0: none); its offset is the stream's next offset
+    CLOSED = "closed"  # "1" once closed
+    CLOSED_BY = "closed_by"  # "<producer id>\\n<epoch>\\n<seq>" of a producer's closing append
+    TTL = "ttl"  # Stream-TTL, seconds (sliding: from the last read or append)
+    EXPIRES_AT = "exp"  # Stream-Expires-At, as sent
+    EXPIRES_AT_MS = "exp_ms"  # the same, unix milliseconds
+    ACCESSED_MS = "acc"  # last read or append, unix milliseconds
+    BYTES = "bytes"  # data appended so far
+    LAST_STREAM_SEQ = "lseq"  # the last Stream-Seq (writer coordination)
+    REFS = "refs"  # forks reading through this stream
+    SOFT_DELETED = "soft"  # "1": deleted (or expired) while forks still read it
+    FORKED_FROM = "from"  # the source stream's path
+    FORK_SEQ = "fork"  # seq in the source at which the fork starts
+    FORK_SUB_OFFSET = "sub"  # Stream-Fork-Sub-Offset, as sent

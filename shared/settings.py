@@ -86,6 +86,18 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(10.0, gt=0)
     body_timeout_s: float = Field(30.0, gt=0)
 
+    # Durable Streams (/v1/streams/, api/streams.py): the largest POST/PUT body, the largest
+    # stream (bytes of data appended, 0 = unlimited), the longest Stream-TTL or time until a
+    # Stream-Expires-At (0 = unlimited), how long a stream without either stays in Redis after
+    # its last read or write, and how long a long-poll waits before its 204.
+    ds_max_body_bytes: int = Field(4 * 1_048_576, ge=1024)
+    ds_max_stream_bytes: int = Field(0, ge=0)
+    ds_max_ttl_s: int = Field(0, ge=0)
+    ds_retention_s: int = Field(7 * 24 * 3600, ge=60)
+    ds_long_poll_timeout_s: float = Field(10.0, gt=0, le=60.0)
+    # Most bytes of data one catch-up read answers with (a client reads on from its offset).
+    ds_max_read_bytes: int = Field(8 * 1_048_576, ge=1024)
+
     log_level: str = "info"
     log_format: Literal["text", "json"] = "text"
     # Log prompts at debug level (never on by default: prompts are users' data).
