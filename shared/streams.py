@@ -498,7 +498,10 @@ class Streams:
         pid, epoch, pseq = producer or ("", 0, 0)
         messages: list[bytes] = []
         if data is not None:
-            messages = [json_values(data, creating=False) if info.json and not info.closed else data]
+            # JSON is checked only where the script would accept it (open, same type): a closed
+            # stream or a mismatched type is the script's 409, whatever the body.
+            as_json = info.json and not info.closed and is_json(content_type)
+            messages = [json_values(data, creating=False) if as_json else data]
         verdict, tail, a, b = await self._append(
             keys=list(keys.stream_keys(info.path)),
             args=[
