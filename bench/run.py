@@ -28,12 +28,14 @@ from typing import Any
 import redis.asyncio as aioredis
 from arq.connections import RedisSettings, create_pool
 
-from fanline.bench import chaos, report, scenarios
+from fanline.bench import chaos, durable, report, scenarios
 from fanline.bench.stack import Stack
 
 SCENARIOS = ("ttft", "fanout", "many", "idle", "late")
 # Runs alone, and only when asked for: a soak under faults, not a side-by-side (bench/chaos.py).
 CHAOS = "chaos"
+# Runs alone too: the Durable Streams protocol, fanline against the Node reference server.
+DURABLE = "durable"
 CHAOS_MINUTES = {"full": 10.0, "quick": 1.0, "smoke": 0.25}
 DEFAULT_OUTPUT = Path("bench/results/latest.json")
 
@@ -83,7 +85,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
-        help=f"comma-separated, of {', '.join(SCENARIOS)}; or {CHAOS} alone (the soak under faults)",
+        help=f"comma-separated, of {', '.join(SCENARIOS)}; or {CHAOS} alone (the soak under faults), "
+        f"or {DURABLE} alone (Durable Streams: fanline vs the Node reference server)",
     )
     p.add_argument("--systems", default="fanline,baseline", help="fanline, baseline, or both")
     p.add_argument("--pods", type=int, default=2, help="API pods per system (late joiners and resumes use the 2nd)")
@@ -136,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     if CHAOS in chosen:
         return _chaos(args, chosen, argv)
+    if DURABLE in chosen:
+        return _durable(args, chosen)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in SCENARIOS] + [s for s in systems if s not in ("fanline", "baseline")]
     if unknown:
@@ -197,6 +202,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fanline bench: NOT EXACT: {', '.join(inexact)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _durable(args: argparse.Namespace, chosen: list[str]) -> int:
+    if chosen != [DURABLE]:
+        print(f"fanline bench: {DURABLE} runs alone (its own servers)", file=sys.stderr)
+        return 2
+    output = args.output if args.output != DEFAULT_OUTPUT else DEFAULT_OUTPUT.with_name("durable.json")
+    signal.signal(signal.SIGTERM, _interrupt)
+    work_dir = Path(tempfile.mkdtemp(prefix="fanline-durable-"))
+    try:
+        return durable.run(work_dir, args.mode, output)
+    except KeyboardInterrupt:
+        print("fanline bench: interrupted; stopping what it started", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            print(f"fanline bench: logs kept in {work_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _chaos(args: argparse.Namespace, chosen: list[str], argv: list[str] | None) -> int:

@@ -73,3 +73,25 @@ def test_chaos_smoke_soak_checks_every_event_under_faults(tmp_path: Path) -> Non
     assert result["generations"] > 10 and result["events_delivered"] > 0
     assert (result["lost"], result["duplicated"], result["reordered"], result["content_mismatches"]) == (0, 0, 0, 0)
     assert "lost / duplicated / reordered" in run.stdout
+
+
+@pytest.mark.timeout(300)
+def test_durable_smoke_runs_fanline_and_the_reference_server_side_by_side(tmp_path: Path) -> None:
+    """The Durable Streams scenario (issue 11) in seconds: the same load against the Node reference
+    server and a fanline pod, every reader gets every message exactly once on both."""
+    output = tmp_path / "durable.json"
+    run = subprocess.run(
+        [sys.executable, "-m", "fanline.bench", "--smoke", "--scenarios", "durable", "--output", str(output)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        stdin=subprocess.DEVNULL,
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    results = {r["server"]: r for r in json.loads(output.read_text())["results"]}
+    assert set(results) == {"reference", "fanline"}
+    for r in results.values():
+        assert r["appends"] > 0 and r["sent"] > 0 and not r["errors"], r
+        assert r["delivered"] == r["sent"] * r["readers"] and (r["lost"], r["duplicated"]) == (0, 0), r
+    assert "fanline / reference" in run.stdout
