@@ -22,6 +22,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -208,19 +209,7 @@ def _durable(args: argparse.Namespace, chosen: list[str]) -> int:
     if chosen != [DURABLE]:
         print(f"fanline bench: {DURABLE} runs alone (its own servers)", file=sys.stderr)
         return 2
-    output = args.output if args.output != DEFAULT_OUTPUT else DEFAULT_OUTPUT.with_name("durable.json")
-    signal.signal(signal.SIGTERM, _interrupt)
-    work_dir = Path(tempfile.mkdtemp(prefix="fanline-durable-"))
-    try:
-        return durable.run(work_dir, args.mode, output)
-    except KeyboardInterrupt:
-        print("fanline bench: interrupted; stopping what it started", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"fanline bench: logs kept in {work_dir}", file=sys.stderr)
-        else:
-            shutil.rmtree(work_dir, ignore_errors=True)
+    return _run_alone(DURABLE, args, lambda work_dir, output: durable.run(work_dir, args.mode, output))
 
 
 def _chaos(args: argparse.Namespace, chosen: list[str], argv: list[str] | None) -> int:
@@ -236,11 +225,16 @@ def _chaos(args: argparse.Namespace, chosen: list[str], argv: list[str] | None) 
     )
     if args.mode == "smoke":  # seconds, in CI: a fault every few seconds, short generations
         spec.tokens, spec.fault_every_s = 40, (2.0, 4.0)
-    output = args.output if args.output != DEFAULT_OUTPUT else DEFAULT_OUTPUT.with_name("chaos.json")
+    return _run_alone(CHAOS, args, lambda work_dir, output: chaos.run(work_dir, spec, output))
+
+
+def _run_alone(name: str, args: argparse.Namespace, run: Callable[[Path, Path], int]) -> int:
+    """A scenario that runs alone, in a work directory of its own; its JSON is <name>.json by default."""
+    output = args.output if args.output != DEFAULT_OUTPUT else DEFAULT_OUTPUT.with_name(f"{name}.json")
     signal.signal(signal.SIGTERM, _interrupt)
-    work_dir = Path(tempfile.mkdtemp(prefix="fanline-chaos-"))
+    work_dir = Path(tempfile.mkdtemp(prefix=f"fanline-{name}-"))
     try:
-        return chaos.run(work_dir, spec, output)
+        return run(work_dir, output)
     except KeyboardInterrupt:
         print("fanline bench: interrupted; stopping what it started", file=sys.stderr)
         return 130
