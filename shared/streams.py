@@ -613,11 +613,7 @@ class Streams:
     # -- delete -----------------------------------------------------------------
 
     async def delete(self, path: str) -> None:
-        info = await self.info(path)
-        if info is None:
-            raise NotFound(f"Stream not found: no stream at {path}", code="stream_not_found")
-        if info.soft_deleted:
-            raise Gone(f"Stream is gone: {path} was already deleted", code="stream_gone")
+        await self.get(path)  # 404 / 410 as for any request to it
         await self._remove(path, soft=False)
 
     async def _remove(self, path: str, *, soft: bool) -> None:

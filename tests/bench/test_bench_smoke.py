@@ -16,11 +16,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(300)
-def test_smoke_run_is_exact_for_both_systems(tmp_path: Path) -> None:
-    output = tmp_path / "smoke.json"
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    """``fanline bench --smoke ARGS`` as a user runs it; fails the test if it exits non-zero."""
     run = subprocess.run(
-        [sys.executable, "-m", "fanline.bench", "--smoke", "--output", str(output), "--note", "pytest smoke"],
+        [sys.executable, "-m", "fanline.bench", "--smoke", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -28,6 +27,13 @@ def test_smoke_run_is_exact_for_both_systems(tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run
+
+
+@pytest.mark.timeout(300)
+def test_smoke_run_is_exact_for_both_systems(tmp_path: Path) -> None:
+    output = tmp_path / "smoke.json"
+    run = run_bench("--output", str(output), "--note", "pytest smoke")
     result = json.loads(output.read_text())
     assert output.with_suffix(".png").exists() or "matplotlib" in run.stdout
 
@@ -58,16 +64,18 @@ def test_chaos_smoke_soak_checks_every_event_under_faults(tmp_path: Path) -> Non
     """The chaos soak (issue 13) in seconds: faults do hit, and its exactness check runs on every
     viewer (what it found is asserted as exact: a lost or duplicated event here is a bug)."""
     output = tmp_path / "chaos.json"
-    argv = [sys.executable, "-m", "fanline.bench", "--smoke", "--scenarios", "chaos", "--chaos-minutes", "0.3"]
-    run = subprocess.run(
-        [*argv, "--chaos-generations", "10", "--seed", "3", "--output", str(output)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        stdin=subprocess.DEVNULL,
+    run = run_bench(
+        "--scenarios",
+        "chaos",
+        "--chaos-minutes",
+        "0.3",
+        "--chaos-generations",
+        "10",
+        "--seed",
+        "3",
+        "--output",
+        str(output),
     )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads(output.read_text())
     assert result["faults"], "no fault hit during the soak"
     assert result["generations"] > 10 and result["events_delivered"] > 0
@@ -80,15 +88,7 @@ def test_durable_smoke_runs_fanline_and_the_reference_server_side_by_side(tmp_pa
     """The Durable Streams scenario (issue 11) in seconds: the same load against the Node reference
     server and a fanline pod, every reader gets every message exactly once on both."""
     output = tmp_path / "durable.json"
-    run = subprocess.run(
-        [sys.executable, "-m", "fanline.bench", "--smoke", "--scenarios", "durable", "--output", str(output)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=280,
-        stdin=subprocess.DEVNULL,
-    )
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    run = run_bench("--scenarios", "durable", "--output", str(output))
     results = {r["server"]: r for r in json.loads(output.read_text())["results"]}
     assert set(results) == {"reference", "fanline"}
     for r in results.values():
