@@ -45,6 +45,9 @@ HUB_LAG = Histogram(
 )
 HUB_READS = Counter("fanline_hub_reads_total", "Blocking XREADs the hub's readers completed")
 HUB_HISTORY_READS = Counter("fanline_hub_history_reads_total", "XRANGE history reads by viewers behind the ring")
+HUB_DIRECT_WRITES = Counter(
+    "fanline_hub_direct_writes_total", "Writes the hub made straight to caught-up viewers' sockets (sinks)"
+)
 HUB_TOPICS = Gauge("fanline_hub_topics", "Generations watched on this pod")
 SLOW_VIEWER_CUTOFFS = Counter("fanline_slow_viewer_cutoffs_total", "Viewers cut off for accepting no bytes")
 DRAIN_HINTS = Counter("fanline_reconnect_hints_total", "Streams closed with a reconnect hint (drain)")

@@ -22,6 +22,7 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from fanline.api.app import Edge, create_app
+from fanline.api.transports import DIRECT_WRITE
 from fanline.shared.errors import Unavailable
 from fanline.shared.settings import Settings
 
@@ -71,6 +72,9 @@ class _Protocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # The hub may write a caught-up viewer's chunks to this cycle's socket itself
+        # (api/transports/__init__.py): no task wake-up per viewer per event.
+        cycle.scope.setdefault("extensions", {})[DIRECT_WRITE] = cycle
         # Past the connection cap uvicorn answers in plain text; answer in our error body.
         chosen: Any = _overloaded if app is service_unavailable else app
         super()._start_asgi_task(cycle, chosen)

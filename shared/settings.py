@@ -57,6 +57,10 @@ class Settings(BaseSettings):
     hub_buffer_events: int = Field(1024, ge=16)
     # Largest number of events written to one viewer in one write.
     hub_batch_events: int = Field(256, ge=1)
+    # Most direct writes a second to caught-up viewers of one generation (api/hub.py Topic):
+    # with more viewers than this allows at one write per event, events are coalesced.
+    # 0: one write per event, however many viewers.
+    hub_writes_per_s: float = Field(100_000, ge=0)
     hub_block_ms: int = Field(2000, ge=10)
     heartbeat_s: float = Field(15.0, gt=0, le=15.0)
     # A viewer whose connection accepts no bytes for this long is cut off (it can resume).

@@ -3,6 +3,11 @@
 SSE and NDJSON share one raw ASGI streaming response (cheaper per connection
 than StreamingResponse, and it notices a client that left while idle); the
 WebSocket transport lives in ``websocket.py``.
+
+Under ``fanline api`` (api/server.py) the server also puts its response object in the
+scope (``DIRECT_WRITE``): a caught-up SSE or NDJSON viewer then becomes one of its
+topic's sinks, and the hub writes HTTP chunks to its socket directly — the same bytes
+uvicorn's ``send`` would write, without waking the viewer's task for each event.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from fanline.api import metrics
-from fanline.api.hub import RECONNECT_ON, HistoryGone, Hub
+from fanline.api.hub import RECONNECT_ON, HistoryGone, Hub, Sink
 from fanline.shared.events import Event
 
 log = logging.getLogger("fanline.api")
+
+
+# The scope extension under which api/server.py offers uvicorn's response cycle.
+DIRECT_WRITE = "fanline.direct_write"
 
 
 class Transport(Protocol):
@@ -27,6 +36,7 @@ class Transport(Protocol):
     media_type: bytes
     heartbeat: bytes
     preamble: bytes
+    shared_frames: bool  # frame(event) is the same for every viewer (the hub may write it for them)
 
     def frame(self, event: Event) -> bytes: ...
 
@@ -35,6 +45,31 @@ class Transport(Protocol):
     def reconnect(self, last_seq: int) -> bytes:
         """The hint sent before this pod closes a stream that has not ended (drain)."""
         ...
+
+
+def _chunk(body: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(body), body)  # as uvicorn frames a body chunk
+
+
+def _direct_sink(scope: Scope, transport: Transport) -> Sink | None:
+    """A sink writing to uvicorn's socket, for a chunked response already started."""
+    cycle: Any = scope.get("extensions", {}).get(DIRECT_WRITE)
+    if cycle is None or not transport.shared_frames or not cycle.chunked_encoding:
+        return None
+    socket: asyncio.WriteTransport = cycle.transport
+
+    def ready() -> bool:
+        return not (cycle.disconnected or cycle.flow.write_paused or socket.is_closing()) and (
+            socket.get_write_buffer_size() == 0
+        )
+
+    def write(data: bytes) -> bool:
+        if cycle.disconnected or socket.is_closing():
+            return False
+        socket.write(data)
+        return socket.get_write_buffer_size() == 0  # backed up: its own task goes on, with flow control
+
+    return Sink(transport.name, transport.heartbeat, transport.frame, _chunk, write, ready)
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -83,12 +118,15 @@ class EventStreamResponse(Response):
         watch = self.hub.sends.watch()
         loop = asyncio.get_running_loop()
         cursor = self.cursor
+        sink: Sink | None = None
         viewers.inc()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             if transport.preamble:
                 await send({"type": "http.response.body", "body": transport.preamble, "more_body": True})
-            async for batch in self.hub.follow(self.gen_id, cursor, gone):
+            # Not for a response that times its first event: its task writes that one.
+            sink = _direct_sink(scope, transport) if self.started_at is None else None
+            async for batch in self.hub.follow(self.gen_id, cursor, gone, sink=sink):
                 if batch is None:
                     body = transport.heartbeat
                 elif len(batch) == 1:
@@ -108,6 +146,8 @@ class EventStreamResponse(Response):
             await send({"type": "http.response.body", "body": transport.error(exc), "more_body": True})
         except RECONNECT_ON:  # draining, or Redis away when history had to be read: resume later
             metrics.DRAIN_HINTS.inc()
+            if sink is not None:
+                cursor = max(cursor, sink.cursor)
             await send({"type": "http.response.body", "body": transport.reconnect(cursor), "more_body": True})
         except asyncio.CancelledError:
             if not watch.cut_off:

@@ -71,6 +71,7 @@ class UIMessageStream:
     media_type = b"text/event-stream; charset=utf-8"
     # No event ids in this stream, so a blank line after the comment is harmless.
     heartbeat = b": ping\n\n"
+    shared_frames = False  # a viewer's frames depend on what it was sent before
 
     def __init__(self, gen_id: str) -> None:
         self.gen_id = gen_id

@@ -17,6 +17,7 @@ class NDJSON:
     name = "ndjson"
     media_type = b"application/x-ndjson"
     heartbeat = b"\n"
+    shared_frames = True
     preamble = b""
 
     @staticmethod

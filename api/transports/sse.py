@@ -24,6 +24,7 @@ class SSE:
     name = "sse"
     media_type = b"text/event-stream; charset=utf-8"
     heartbeat = b": ping\n"
+    shared_frames = True
     preamble = f"retry: {RETRY_MS}\n".encode()
 
     @staticmethod
