@@ -21,7 +21,8 @@ from tests.support import (
 
 async def direct_writes(client: httpx.AsyncClient) -> float:
     text = (await client.get("/metrics")).text
-    return float(next(line.split()[1] for line in text.splitlines() if line.startswith("fanline_hub_direct_writes_total ")))
+    name = "fanline_hub_direct_writes_total "
+    return float(next(line.split()[1] for line in text.splitlines() if line.startswith(name)))
 
 
 async def raw_sse(client: httpx.AsyncClient, gen_id: str, started: asyncio.Event | None = None) -> bytes:
@@ -66,8 +67,9 @@ async def test_caught_up_viewers_get_direct_writes_with_exactly_the_bytes_a_repl
     for read in lines:
         assert read.done
         assert read.ids == [event_id for event_id, _ in frames]
-        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in read.chunks if c["choices"]) == (
-            info["content"]
+        assert (
+            "".join(c["choices"][0]["delta"].get("content") or "" for c in read.chunks if c["choices"])
+            == (info["content"])
         )
 
 
