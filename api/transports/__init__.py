@@ -66,7 +66,10 @@ def _direct_sink(scope: Scope, transport: Transport) -> Sink | None:
     def write(data: bytes) -> bool:
         if cycle.disconnected or socket.is_closing():
             return False
-        socket.write(data)
+        try:
+            socket.write(data)
+        except (OSError, RuntimeError):  # the socket broke under it: its own task finds out
+            return False
         return socket.get_write_buffer_size() == 0  # backed up: its own task goes on, with flow control
 
     return Sink(transport.name, transport.heartbeat, transport.frame, _chunk, write, ready)
