@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
+from fanline.shared.cluster import ValkeyCluster
 from fanline.shared.settings import Settings
 
 # What an unreachable Redis raises: redis-py's errors, and the cluster client's own
@@ -31,7 +31,8 @@ def _options(settings: Settings) -> dict[str, Any]:
 def events_redis(settings: Settings) -> aioredis.Redis:
     """The Redis (or cluster) holding the event streams and metadata."""
     if settings.redis_cluster:
-        cluster: Any = RedisCluster.from_url(settings.redis_url, **_options(settings))
+        # Not redis-py's RedisCluster as is: one failing node would stall every node's commands.
+        cluster: Any = ValkeyCluster.from_url(settings.redis_url, **_options(settings))
         return cast(aioredis.Redis, cluster)  # the subset of the API fanline uses is the same
     return cast(aioredis.Redis, aioredis.Redis.from_url(settings.redis_url, **_options(settings)))
 

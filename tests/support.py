@@ -177,6 +177,7 @@ class Received:
     errors: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
     gen_id: str = ""
+    times: list[float] = field(default_factory=list)  # time.monotonic() at each id's arrival (read_sse)
 
     @property
     def text(self) -> str:
@@ -207,10 +208,12 @@ async def read_sse(
                 received.done = True
                 if sse.id:
                     received.ids.append(sse.id)
+                    received.times.append(time.monotonic())
                 return received
             payload = orjson.loads(sse.data)
             if sse.id:
                 received.ids.append(sse.id)
+                received.times.append(time.monotonic())
             if "error" in payload:
                 received.errors.append(payload["error"])
             else:
