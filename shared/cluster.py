@@ -149,7 +149,15 @@ class ValkeyCluster(RedisCluster):
         """A connection error or timeout on ``node``: drop its idle connections, route around it."""
         # Replaces: aclose() of every node. The failed connection closed itself; idle ones
         # to a dead node would each fail one more command. In-use ones end by themselves.
-        await asyncio.gather(*(connection.disconnect(nowait=True) for connection in list(node._free)))
+        # Taken out of the free list while they close (no other command may pick one up
+        # half closed), then put back: they reconnect when next used.
+        idle = list(node._free)
+        node._free.clear()
+        try:
+            for connection in idle:
+                await connection.disconnect(nowait=True)
+        finally:
+            node._free.extend(idle)
         # Asked of the other nodes first (redis-py's own step), then refreshed in the background.
         self.nodes_manager.startup_nodes.pop(node.name, None)
         if node is self.get_default_node():
