@@ -578,10 +578,14 @@ class _Reader:
                         raise  # the hub is stopping
                     self._client_id = None  # the cancelled read dropped its connection
                     continue  # a new topic interrupted the read
-                except UNAVAILABLE as exc:
+                except Exception as exc:
+                    # Redis unavailable; or anything else the (cluster) client raises in a state
+                    # we did not foresee: the reader must outlive it, or its viewers would get
+                    # heartbeats and never another event.
                     self._client_id = None  # a new connection will have a new id
                     metrics.REDIS_ERRORS.labels("hub").inc()
-                    log.warning("hub reader: %s; retrying in %.2f s", exc, backoff)
+                    unforeseen = not isinstance(exc, UNAVAILABLE)
+                    log.warning("hub reader: %r; retrying in %.2f s", exc, backoff, exc_info=unforeseen)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 2.0)
                     continue
