@@ -43,6 +43,11 @@ _READ_COUNT = 1000  # entries per stream per XREAD
 _VIEWED_REFRESH_S = 2.0
 
 
+def encode(frame: Callable[[Event], bytes], batch: list[Event]) -> bytes:
+    """A batch of events in one transport's frames, as one write."""
+    return frame(batch[0]) if len(batch) == 1 else b"".join([frame(e) for e in batch])
+
+
 class Sink:
     """A viewer that is caught up with the live tail and whose socket takes bytes at once:
     the topic writes new events to it directly, with no task of its own woken per event.
@@ -164,11 +169,10 @@ class Topic:
                 self._leave(sink)
 
     def join(self, sink: Sink, cursor: int, waiter: asyncio.Future[None]) -> None:
+        """A caught-up viewer (``cursor`` is the topic's last event) becomes a sink."""
         sink.cursor = cursor
         sink.waiter = waiter
         self.sinks[sink] = None
-        if cursor < self.last_seq and self._flush_at is None:
-            self._schedule_flush()
 
     def _leave(self, sink: Sink) -> None:
         if sink in self.sinks:
@@ -200,9 +204,7 @@ class Topic:
                     if batch is None:
                         self._leave(sink)
                     continue
-                frame = sink.frame
-                body = frame(batch[0]) if len(batch) == 1 else b"".join([frame(e) for e in batch])
-                found = encoded[key] = (sink.wrap(body), batch)
+                found = encoded[key] = (sink.wrap(encode(sink.frame, batch)), batch)
             data, batch = found
             more = sink.write(data)
             written += 1

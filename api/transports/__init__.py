@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from fanline.api import metrics
-from fanline.api.hub import RECONNECT_ON, HistoryGone, Hub, Sink
+from fanline.api.hub import RECONNECT_ON, HistoryGone, Hub, Sink, encode
 from fanline.shared.events import Event
 
 log = logging.getLogger("fanline.api")
@@ -130,12 +130,7 @@ class EventStreamResponse(Response):
             # Not for a response that times its first event: its task writes that one.
             sink = _direct_sink(scope, transport) if self.started_at is None else None
             async for batch in self.hub.follow(self.gen_id, cursor, gone, sink=sink):
-                if batch is None:
-                    body = transport.heartbeat
-                elif len(batch) == 1:
-                    body = transport.frame(batch[0])
-                else:
-                    body = b"".join([transport.frame(e) for e in batch])
+                body = transport.heartbeat if batch is None else encode(transport.frame, batch)
                 watch.sending = loop.time()
                 await send({"type": "http.response.body", "body": body, "more_body": True})
                 watch.sending = 0.0
