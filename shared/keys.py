@@ -86,8 +86,9 @@ RATE_WINDOW_S = 60
 # apart from the generations' own keys, so a Cluster node's failover does not stop it.
 RUNNING = f"{PREFIX}:running"
 
-# Pub/sub channels on the queue Redis. WAKE tells workers a job was enqueued (so
-# job start does not wait on arq's polling); CANCEL carries a generation id.
+# Pub/sub channels on the queue Redis. WAKE tells workers jobs were enqueued (so job
+# start does not wait on arq's polling): "<queue name> <job id> ...", where a job id is
+# its generation id; a message without ids asks for a poll. CANCEL carries a generation id.
 WAKE_CHANNEL = f"{PREFIX}:wake"
 CANCEL_CHANNEL = f"{PREFIX}:cancel"
 

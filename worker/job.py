@@ -1,7 +1,7 @@
 """The generation job: run a generator for one request and publish what it yields.
 
 arq job ``generate(gen_id)``
-  ├── reads the request from the generation's metadata, marks it running
+  ├── reads the request from the generation's metadata and marks it running (one script)
   ├── runs the generator in a task, feeding the Publisher
   ├── a keepalive task: heartbeat (for the reaper), cancel flag, idle-viewer cancel
   └── publishes the final chunk / usage / end (or an error), writes the outcome, sets expiry
@@ -40,6 +40,16 @@ if status == 'running' then redis.call('HSET', KEYS[1], 'heartbeat', ARGV[1]) en
 return {status or false, redis.call('HGET', KEYS[1], 'cancel') or false,
         redis.call('HGET', KEYS[1], 'viewed_at') or false}
 """
+# The metadata of a generation about to start, which is marked running with its first
+# heartbeat unless it has already ended. KEYS: meta. ARGV: now (s). Returns HGETALL's reply.
+_START = """
+local meta = redis.call('HGETALL', KEYS[1])
+local status = redis.call('HGET', KEYS[1], 'status')
+if #meta > 0 and status ~= 'completed' and status ~= 'failed' and status ~= 'cancelled' then
+  redis.call('HSET', KEYS[1], 'status', 'running', 'heartbeat', ARGV[1])
+end
+return meta
+"""
 # How long a worker that is being stopped may take to write the error it ends a generation with.
 _SHUTDOWN_WRITE_S = 5.0
 
@@ -67,13 +77,15 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
 
     gen_id_var.set(gen_id)
     meta_key = keys.meta_key(gen_id)
-    meta = await redis.hgetall(meta_key)  # type: ignore[misc]
-    if not meta:
-        log.warning("generation %s: no metadata (expired?), skipping", gen_id)
-        return "missing"
-    status = meta.get(Meta.STATUS.encode(), b"")
-    if status in TERMINAL:
-        return str(status.decode())
+    # The claim (worker/main.py) has put it on the running list; this marks it running.
+    flat = await redis.register_script(_START)(keys=[meta_key], args=[int(time.time())])
+    meta: dict[bytes, bytes] = dict(zip(flat[::2], flat[1::2], strict=True))
+    found = meta.get(Meta.STATUS.encode(), b"")
+    if not meta or found in TERMINAL:
+        await queue.zrem(keys.RUNNING, gen_id)
+        if not meta:
+            log.warning("generation %s: no metadata (expired?), skipping", gen_id)
+        return found.decode() if meta else "missing"
 
     request = ChatCompletionRequest.model_validate_json(meta[Meta.REQUEST.encode()])
     if settings.log_content:
@@ -85,11 +97,6 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
     )
     gen_ctx = GenerationContext(gen_id=gen_id, settings=settings)
 
-    now = time.time()
-    await asyncio.gather(
-        redis.hset(meta_key, mapping={Meta.STATUS: "running", Meta.HEARTBEAT: str(int(now))}),  # type: ignore[arg-type]
-        queue.zadd(keys.RUNNING, {gen_id: now}),
-    )
     log.info("generation %s started", gen_id)
 
     started = time.monotonic()

@@ -2,11 +2,12 @@
 
 Prompt job start: arq polls its queue every ``poll_delay`` (0.5 s by default), which
 would add up to half a second before the first token. The API publishes on
-``fanline:wake`` after enqueueing; every worker listens on that channel and runs
-arq's poll at once, so a job starts within a few milliseconds. The normal poll
-stays as the fallback (a missed message costs at most one poll delay). Starting
-the same job twice is impossible: a claim sets the job's in-progress key only if
-it is not set, in one script (_CLAIM), as arq's WATCH/MULTI does.
+``fanline:wake`` after enqueueing, naming the queue and the new jobs; every worker
+listens on that channel and claims those jobs at once, so a job starts within a few
+milliseconds. The normal poll stays as the fallback (a missed message costs at most
+one poll delay). Starting the same job twice is impossible: a claim sets the job's
+in-progress key only if it is not set, in one script (_CLAIM), as arq's WATCH/MULTI
+does; the jobs found together are claimed in one call.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+import time
 from signal import Signals
 from typing import Any
 
 import redis.asyncio as aioredis
 import uvloop
 from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from prometheus_client import start_http_server
@@ -39,13 +42,14 @@ log = logging.getLogger("fanline.worker")
 class _Listener:
     """Wake and cancel messages from the API, on one pub/sub connection per worker."""
 
-    def __init__(self, worker: Worker, redis: aioredis.Redis, running: Running) -> None:
+    def __init__(self, worker: _Worker, redis: aioredis.Redis, running: Running) -> None:
         self._worker = worker
         self.redis = redis
         self._running = running
         self._poll_lock = asyncio.Lock()
         self._poll_again = False
         self._poll_task: asyncio.Task[None] | None = None
+        self._starts: set[asyncio.Task[None]] = set()  # claims of woken jobs, short-lived
         self.task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -63,7 +67,7 @@ class _Listener:
                             if self._running.cancel(gen_id):
                                 log.info("generation %s: cancel requested", gen_id)
                         else:
-                            self._wake()
+                            self._wake(message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down: arq's own polling still runs
@@ -71,7 +75,14 @@ class _Listener:
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    def _wake(self) -> None:
+    def _wake(self, data: bytes) -> None:
+        queue_name, _, job_ids = data.decode().partition(" ")
+        if job_ids:  # the API names the queue and its new jobs (api/generations.py ``enqueue``)
+            if queue_name == self._worker.queue_name:
+                task = asyncio.create_task(self._worker.start_woken(job_ids.split()))
+                self._starts.add(task)
+                task.add_done_callback(self._starts.discard)
+            return
         if self._poll_lock.locked():
             self._poll_again = True  # one more poll after the current one covers this wake
             return
@@ -89,15 +100,41 @@ class _Listener:
                     return
 
 
-# arq's claim of one job (Worker.start_jobs), as one script: not already in progress, still
-# queued and due, then marked in progress. Returns the job's score, or nil.
+# arq's claim of a job (Worker.start_jobs) and its count of tries (Worker.run_job), for several
+# jobs in one script: not already in progress, still queued and due, then marked in progress,
+# and on the reapers' running list (shared/reaper.py) from this moment: a job id is its
+# generation id. A job is tried once (arq's max_tries=1): one tried before, by a worker that
+# is gone, leaves the queue instead, and the reaper ends its generation. KEYS: the queue, the
+# running set, then each job's in-progress, retry and job keys. ARGV: now (ms), the
+# in-progress timeout (ms), now (s), then each job's id. Returns each job's score, or nil
+# where it was not claimed.
 _CLAIM = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return false end
-local score = redis.call('ZSCORE', KEYS[2], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-redis.call('PSETEX', KEYS[1], ARGV[3], '1')
-return tonumber(score)
+local claimed = {}
+for i = 4, #ARGV do
+  local k = 3 * (i - 4) + 3
+  local score = false
+  if redis.call('EXISTS', KEYS[k]) == 0 then
+    local queued = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if queued and tonumber(queued) <= tonumber(ARGV[1]) then
+      if redis.call('INCR', KEYS[k + 1]) > 1 then
+        redis.call('DEL', KEYS[k + 1], KEYS[k + 2])
+        redis.call('ZREM', KEYS[1], ARGV[i])
+      else
+        redis.call('EXPIRE', KEYS[k + 1], 88400)
+        redis.call('PSETEX', KEYS[k], ARGV[2], '1')
+        redis.call('ZADD', KEYS[2], ARGV[3], ARGV[i])
+        score = tonumber(queued)
+      end
+    end
+  end
+  claimed[#claimed + 1] = score
+end
+return claimed
 """
+
+
+# Jobs one claim takes at most (see _Worker.start_jobs).
+_CLAIM_AT_ONCE = 4
 
 
 class _Worker(Worker):
@@ -124,32 +161,83 @@ class _Worker(Worker):
             await asyncio.sleep(self._poll_backoff)
             self._poll_backoff = min(self._poll_backoff * 2, 5.0)
 
+    async def start_woken(self, job_ids: list[str]) -> None:
+        """Jobs a wake message named, claimed without first reading the queue (arq's poll
+        checks the same two things before it reads it)."""
+        if not self.allow_pick_jobs or self.job_counter >= self.max_jobs:
+            return  # full or draining: the next poll (this worker's or another's) finds them
+        try:
+            await self.start_jobs([job_id.encode() for job_id in job_ids])
+        except (RedisError, OSError) as exc:
+            log.warning("starting woken jobs: %s (the next poll retries)", exc)
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         # arq claims the jobs it found one after another, each with WATCH, EXISTS, ZSCORE and
         # MULTI/EXEC (four round trips), so the 20th of 20 concurrent requests waited for 19
-        # claims. Here each claim is one script call (_CLAIM, the same checks, atomically),
-        # and the claims run side by side; the bookkeeping is arq's own.
-        await asyncio.gather(*(self._start_job(job_id.decode()) for job_id in job_ids))
+        # claims. Here one script call (_CLAIM, the same checks, atomically) claims up to
+        # _CLAIM_AT_ONCE of them, then the next few, in an order of this worker's own: workers
+        # woken by the same message take turns at different jobs, so a burst is shared rather
+        # than taken whole by the fastest. The bookkeeping is arq's own.
+        ids = [found.decode() for found in job_ids]
+        random.shuffle(ids)
+        for start in range(0, len(ids), _CLAIM_AT_ONCE):
+            if not await self._claim_some(ids[start : start + _CLAIM_AT_ONCE]):
+                return
 
-    async def _start_job(self, job_id: str) -> None:
-        await self.sem.acquire()
-        if self.job_counter >= self.max_jobs:
-            self.sem.release()
-            return
-        self.job_counter += 1
+    async def _claim_some(self, job_ids: list[str]) -> bool:
+        """Claims and starts what it can of ``job_ids``; False once this worker is full."""
+        ids: list[str] = []
+        for job_id in job_ids:
+            if self.job_counter >= self.max_jobs:
+                break  # full: the rest are left to a later poll
+            await self.sem.acquire()  # free while the counter is below max_jobs
+            self.job_counter += 1
+            ids.append(job_id)
+        if not ids:
+            return False
         in_progress_ms = int(self.in_progress_timeout_s * 1000)
-        keys_ = [in_progress_key_prefix + job_id, self.queue_name]
+        prefixes = (in_progress_key_prefix, retry_key_prefix, job_key_prefix)
+        job_keys = [prefix + job_id for job_id in ids for prefix in prefixes]
         try:
-            score = await self._claim(keys=keys_, args=[job_id, timestamp_ms(), in_progress_ms])
+            scores = await self._claim(
+                keys=[self.queue_name, keys.RUNNING, *job_keys],
+                args=[timestamp_ms(), in_progress_ms, time.time(), *ids],
+            )
         except BaseException:
-            self._release_sem_dec_counter_on_complete()
+            for _ in ids:
+                self._release_sem_dec_counter_on_complete()
             raise
-        if score is None:  # started elsewhere, finished, or deferred
-            self._release_sem_dec_counter_on_complete()
-            return
-        task = self.loop.create_task(self.run_job(job_id, int(score)))
-        task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-        self.tasks[job_id] = task
+        for job_id, score in zip(ids, scores, strict=True):
+            if score is None:  # started elsewhere, finished, or deferred
+                self._release_sem_dec_counter_on_complete()
+                continue
+            task = self.loop.create_task(self.run_job(job_id, int(score)))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job_id] = task
+        return len(ids) == len(job_ids)
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        """arq's run_job, for the one job this worker runs: ``generate(gen_id)``, whose job id is
+        its generation id. arq's first reads the job's record and counts the try (a round trip),
+        then runs the function in a task of its own; the record holds nothing the job needs (the
+        request is in the generation's metadata), and _CLAIM has counted the try."""
+        ctx = {**self.ctx, "job_id": job_id, "job_try": 1, "score": score}
+        try:
+            async with asyncio.timeout(self.job_timeout_s):
+                await generate(ctx, job_id)
+            self.jobs_complete += 1
+        except asyncio.CancelledError:
+            # The worker is stopping, and generate() has ended the generation with an error;
+            # as in arq, the job ends here and the cancellation goes no further.
+            self.jobs_failed += 1
+        except Exception:
+            log.exception("generation %s: its job failed", job_id)
+            self.jobs_failed += 1
+        # arq's finish_job: the job leaves the queue, with its keys.
+        async with self.pool.pipeline(transaction=True) as pipe:
+            pipe.delete(in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id)
+            pipe.zrem(self.queue_name, job_id)
+            await asyncio.shield(pipe.execute())
 
     def handle_sig_wait_for_completion(self, signum: Signals) -> None:
         # arq's own lines are at debug level (shared/logs.py); this one an operator wants.

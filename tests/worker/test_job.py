@@ -1,4 +1,4 @@
-"""The generation job on real workers: prompt start, deterministic demo, idle cancel, key expiry."""
+"""The generation job on real workers: prompt start, claims, deterministic demo, idle cancel, key expiry."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ import subprocess
 from typing import Any
 
 import httpx
+import orjson
 import redis.asyncio as aioredis
+from arq.connections import RedisSettings, create_pool
+from arq.constants import in_progress_key_prefix, retry_key_prefix
 
+from fanline.api.generations import enqueue, write_queued
 from fanline.shared import keys
+from fanline.shared.ids import new_generation_id
+from fanline.shared.requests import ChatCompletionRequest
 from fanline.worker.generators.demo import demo_tokens
 from tests.conftest import StackFactory
-from tests.support import Stack, chat_body, create, generation, read_sse, wait_finished
+from tests.support import Stack, chat_body, create, generation, read_sse, wait_finished, wait_until
 
 
 async def test_jobs_start_on_the_wake_message_not_on_arq_polling(stack_factory: StackFactory) -> None:
@@ -145,8 +151,9 @@ async def test_keys_expire_after_the_retention_period(stack_factory: StackFactor
 
 
 async def test_two_workers_woken_together_run_each_of_40_jobs_exactly_once(stack_factory: StackFactory) -> None:
-    """The claim (worker/main.py, one script per job) replaced arq's WATCH/MULTI: both workers
-    get every wake message and poll the same queue at once, and still no job runs twice."""
+    """The claim (worker/main.py, one script for the jobs found together) replaced arq's
+    WATCH/MULTI: both workers get every wake message and claim the jobs it names at once, and
+    still no job runs twice."""
     stack = stack_factory(apis=1, workers=2, demo_tokens_per_s="200", log_level="info")
     async with httpx.AsyncClient(base_url=stack.url, timeout=30) as client:
         gen_ids = await asyncio.gather(*(create(client, prompt=f"claim {n}", max_tokens=5) for n in range(40)))
@@ -157,5 +164,74 @@ async def test_two_workers_woken_together_run_each_of_40_jobs_exactly_once(stack
     starts = {gen_id: sum(log.count(f"generation {gen_id} started") for log in logs) for gen_id in gen_ids}
     assert set(starts.values()) == {1}, starts
     assert all(log.count(" started") >= 5 for log in logs), "both workers should have taken jobs"
-    # A job claimed twice is refused by arq's retry count ("max retries 1 exceeded", "job … expired").
-    assert not [line for log in logs for line in log.splitlines() if "WARNING arq" in line]
+    assert not [line for log in logs for line in log.splitlines() if "its job failed" in line]
+
+
+async def test_requests_that_arrive_together_share_their_writes_and_one_wake_message(
+    stack_factory: StackFactory, redis: aioredis.Redis
+) -> None:
+    """api/generations.py writes the generations created in one moment together, and one wake
+    message names the queue and all of their jobs; the worker starts them from that message
+    alone (arq would poll only every 30 s here)."""
+    stack = stack_factory(apis=1, worker_poll_delay_s="30", worker_grace_s="0", demo_tokens_per_s="0")
+    queue_name = stack.env["FANLINE_QUEUE_NAME"]
+    port = int(stack.url.rsplit(":", 1)[1])
+    body = orjson.dumps(chat_body("together", stream=False, max_tokens=3))
+    request = (
+        b"POST /v1/generations HTTP/1.1\r\nhost: fanline\r\ncontent-type: application/json\r\n"
+        b"connection: close\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
+    )
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(keys.WAKE_CHANNEL)
+        subscribed = await pubsub.get_message(timeout=10)  # subscribed before the requests go out
+        assert subscribed is not None and subscribed["type"] == "subscribe"
+        connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
+        for _, writer in connections:  # all 20 requests at once: no await between them
+            writer.write(request)
+        answers = await asyncio.gather(*(reader.read() for reader, _ in connections))
+        for _, writer in connections:
+            writer.close()
+        gen_ids = [orjson.loads(answer.partition(b"\r\n\r\n")[2])["id"] for answer in answers]
+        named: list[str] = []
+        messages = 0
+        while len(named) < len(gen_ids):
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=10)
+            assert message is not None, f"the wake messages named {len(named)} of the 20 jobs"
+            queue, *jobs = message["data"].decode().split()
+            if queue == queue_name:
+                named += jobs
+                messages += 1
+    assert sorted(named) == sorted(gen_ids)
+    assert messages < len(gen_ids), "requests that arrived together should share a wake message"
+    async with httpx.AsyncClient(base_url=stack.url, timeout=15) as client:
+        for gen_id in gen_ids:
+            assert (await wait_finished(client, gen_id))["status"] == "completed"
+
+
+async def test_a_job_tried_before_leaves_the_queue_without_running(
+    stack_factory: StackFactory, redis: aioredis.Redis, redis_url: str
+) -> None:
+    """A job runs at most once (arq's max_tries=1, counted by the claim in worker/main.py): one
+    whose try was counted before, by a worker that is gone, is taken off the queue, not run."""
+    stack = stack_factory(apis=1, worker_poll_delay_s="30", worker_grace_s="0", demo_tokens_per_s="0")
+    queue_name = stack.env["FANLINE_QUEUE_NAME"]
+    queue = await create_pool(RedisSettings.from_dsn(redis_url))
+    try:
+        tried, fresh = new_generation_id(), new_generation_id()
+        for gen_id in (tried, fresh):
+            await write_queued(redis, gen_id, ChatCompletionRequest.model_validate(chat_body(max_tokens=3)))
+        await redis.set(retry_key_prefix + tried, 1)
+        await enqueue(queue, [tried, fresh], queue_name)
+        async with httpx.AsyncClient(base_url=stack.url, timeout=15) as client:
+            assert (await wait_finished(client, fresh))["status"] == "completed"
+
+        async def left() -> bool:
+            return await redis.zscore(queue_name, tried) is None
+
+        await wait_until(left, "the job tried before to leave the queue")
+        assert await redis.exists(*(prefix + tried for prefix in (in_progress_key_prefix, retry_key_prefix))) == 0
+        assert await redis.hget(keys.meta_key(tried), "status") == b"queued"  # type: ignore[misc]  # never started
+        assert await redis.exists(keys.events_key(tried)) == 0
+        assert await redis.zscore(keys.RUNNING, tried) is None
+    finally:
+        await queue.aclose()
