@@ -6,7 +6,7 @@ import gc
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from arq.connections import RedisSettings, create_pool
@@ -22,7 +22,7 @@ from fanline.api.auth import Auth
 from fanline.api.errors import error_response
 from fanline.api.generations import Generations
 from fanline.api.hub import Hub
-from fanline.api.routes import events_response, router
+from fanline.api.routes import chat_completions, events_response, router
 from fanline.api.streams import router as streams_router
 from fanline.shared.connections import UNAVAILABLE, events_redis
 from fanline.shared.errors import FanlineError, Unavailable
@@ -45,10 +45,12 @@ class Edge:
     the response and put on every log line with the generation id from the path. A
     pod that is shutting down answers 503 ``draining`` (but /healthz).
 
-    ``GET /v1/generations/{id}/events`` — where most viewers live — is served here
-    directly rather than through FastAPI: its middleware and routing put eight
-    wrappers around every write, about 15% of a pod's CPU at 1,000 viewers in the
-    benchmark. The route itself (``routes.events_response``) is the same code.
+    ``GET /v1/generations/{id}/events`` — where most viewers live — and
+    ``POST /v1/chat/completions`` — where the time to first token is spent — are
+    served here directly rather than through FastAPI: its middleware and routing put
+    eight wrappers around every write, about 15% of a pod's CPU at 1,000 viewers in
+    the benchmark. The routes themselves (``routes.events_response``,
+    ``routes.chat_completions``) are the same code, and their errors the same bodies.
     Everything else, and everything when CORS is on, goes through FastAPI.
     """
 
@@ -76,14 +78,11 @@ class Edge:
         response: Response | None = None
         if scope["type"] == "http" and getattr(self.app.state, "draining", False) and path != "/healthz":
             response = error_response(Unavailable("this pod is shutting down; retry on another", code="draining"))
-        elif self.fast_events and match and match.group(2) == "/events" and scope["method"] == "GET":
-            scope["app"] = self.app
-            try:
-                response = await events_response(Request(scope, receive), match.group(1))
-            except FanlineError as exc:
-                response = error_response(exc)
-            except UNAVAILABLE:
-                response = error_response(Unavailable("Redis is unavailable; retry shortly", code="redis_unavailable"))
+        elif self.fast_events and scope["type"] == "http":
+            if match and match.group(2) == "/events" and scope["method"] == "GET":
+                response = await self._serve(events_response, scope, receive, match.group(1))
+            elif path == "/v1/chat/completions" and scope["method"] == "POST":
+                response = await self._serve(chat_completions, scope, receive)
         if response is not None:
             response.raw_headers.append(id_header)
             await response(scope, receive, send)
@@ -95,6 +94,22 @@ class Edge:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+    async def _serve(
+        self, route: Callable[..., Awaitable[Response]], scope: Scope, receive: Receive, *args: str
+    ) -> Response:
+        """A route's response, or its error as errors.install's handlers would answer it."""
+        scope["app"] = self.app
+        try:
+            return await route(Request(scope, receive), *args)
+        except FanlineError as exc:
+            return error_response(exc)
+        except UNAVAILABLE as exc:
+            log.warning("redis error on %s: %s", scope["path"], exc)
+            return error_response(Unavailable("Redis is unavailable; retry shortly", code="redis_unavailable"))
+        except Exception:
+            log.exception("unexpected error on %s", scope["path"])
+            return error_response(FanlineError("internal error; it has been logged"))
 
 
 def create_app(settings: Settings | None = None) -> Edge:
