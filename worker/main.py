@@ -7,7 +7,7 @@ listens on that channel and claims those jobs at once, so a job starts within a 
 milliseconds. The normal poll stays as the fallback (a missed message costs at most
 one poll delay). Starting the same job twice is impossible: a claim sets the job's
 in-progress key only if it is not set, in one script (_CLAIM), as arq's WATCH/MULTI
-does; the jobs found together are claimed in one call.
+does; one call claims up to _CLAIM_AT_ONCE of the jobs found together.
 """
 
 from __future__ import annotations
@@ -233,11 +233,18 @@ class _Worker(Worker):
         except Exception:
             log.exception("generation %s: its job failed", job_id)
             self.jobs_failed += 1
-        # arq's finish_job: the job leaves the queue, with its keys.
-        async with self.pool.pipeline(transaction=True) as pipe:
-            pipe.delete(in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id)
-            pipe.zrem(self.queue_name, job_id)
-            await asyncio.shield(pipe.execute())
+        # As arq ends every job it finishes: off the queue, with its keys, and no result kept.
+        await asyncio.shield(
+            self.finish_job(
+                job_id,
+                finish=True,
+                result_data=None,
+                result_timeout_s=None,
+                keep_result_forever=False,
+                incr_score=None,
+                keep_in_progress=None,
+            )
+        )
 
     def handle_sig_wait_for_completion(self, signum: Signals) -> None:
         # arq's own lines are at debug level (shared/logs.py); this one an operator wants.
