@@ -105,11 +105,9 @@ class Edge:
         except FanlineError as exc:
             return error_response(exc)
         except UNAVAILABLE as exc:
-            log.warning("redis error on %s: %s", scope["path"], exc)
-            return error_response(Unavailable("Redis is unavailable; retry shortly", code="redis_unavailable"))
+            return errors.redis_unavailable(scope["path"], exc)
         except Exception:
-            log.exception("unexpected error on %s", scope["path"])
-            return error_response(FanlineError("internal error; it has been logged"))
+            return errors.internal_error(scope["path"])
 
 
 def create_app(settings: Settings | None = None) -> Edge:

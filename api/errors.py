@@ -26,6 +26,17 @@ def error_response(exc: FanlineError, headers: Mapping[str, str] | None = None) 
     return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
 
+def redis_unavailable(path: str, exc: Exception) -> JSONResponse:
+    log.warning("redis error on %s: %s", path, exc)
+    return error_response(Unavailable("Redis is unavailable; retry shortly", code="redis_unavailable"))
+
+
+def internal_error(path: str) -> JSONResponse:
+    """Call from an ``except`` block: the exception is logged with its traceback."""
+    log.exception("unexpected error on %s", path)
+    return error_response(FanlineError("internal error; it has been logged"))
+
+
 def install(app: FastAPI) -> None:
     @app.exception_handler(FanlineError)
     async def fanline_error(request: Request, exc: FanlineError) -> JSONResponse:
@@ -47,13 +58,11 @@ def install(app: FastAPI) -> None:
         return error_response(error, headers=exc.headers)
 
     async def redis_error(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("redis error on %s: %s", request.url.path, exc)
-        return error_response(Unavailable("Redis is unavailable; retry shortly", code="redis_unavailable"))
+        return redis_unavailable(request.url.path, exc)
 
     for unavailable in UNAVAILABLE:
         app.add_exception_handler(unavailable, redis_error)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return error_response(FanlineError("internal error; it has been logged"))
+        return internal_error(request.url.path)
