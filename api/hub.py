@@ -40,6 +40,10 @@ from fanline.shared.settings import Settings
 log = logging.getLogger("fanline.hub")
 
 _READ_COUNT = 1000  # entries per stream per XREAD
+# A topic's sink writes: a burst of this many seconds' budget may go out at once (a whole
+# pass to ~1,000 sinks at the default budget), then slices of this many seconds' worth.
+_BURST_S = 0.015
+_SLICE_S = 0.001
 _VIEWED_REFRESH_S = 2.0
 
 
@@ -86,11 +90,14 @@ class Topic:
 
     Viewers that are behind, or whose transport cannot share frames, park on a future and
     their task writes (``waiters``). Caught-up viewers of SSE and NDJSON are ``sinks``: new
-    events are written to them straight from here, in one pass (``_flush``). The pass
-    costs about one socket write per sink, and at most ``writes_per_s`` sink writes a
-    second are spent: with many sinks the passes come at most every sinks/writes_per_s
-    seconds and each carries every event since the last (adaptive coalescing), so one
-    pod keeps up with thousands of viewers of one generation at a bounded CPU cost.
+    events are written to them straight from here, in passes over all of them (``_flush``).
+    A pass costs about one socket write per sink, and at most ``writes_per_s`` sink writes
+    a second are spent (a token bucket holding ``_BURST_S`` of them): with few sinks a pass
+    is written whole as soon as events arrive; with more, the pass goes on in slices of
+    ~1 ms worth of writes, so each sink is written about every sinks/writes_per_s seconds
+    with every event since its last write (adaptive coalescing). One pod thus keeps up
+    with thousands of viewers of one generation at a bounded CPU cost, and an event waits
+    at most about one pass, not a pause for the budget and then its place in a long pass.
     """
 
     def __init__(
@@ -120,9 +127,15 @@ class Topic:
         self.waiters: list[asyncio.Future[None]] = []
         self.sinks: dict[Sink, None] = {}  # an ordered set
         self.batch = batch
-        self.writes_per_s = writes_per_s  # 0: a pass for every append
-        self._flushed_at = 0.0
-        self._flush_at: asyncio.TimerHandle | None = None
+        self.writes_per_s = writes_per_s  # 0: a whole pass for every append
+        self._burst = max(1.0, writes_per_s * _BURST_S)
+        self._slice = max(1.0, writes_per_s * _SLICE_S)
+        self._tokens = self._burst  # sink writes that may be spent now
+        self._tokens_at = 0.0
+        self._pass: list[Sink] = []  # the sinks of the pass under way, in order
+        self._pass_at = 0  # the next of them to write
+        self._pass_seq = 0  # last_seq when the pass began
+        self._flush_at: asyncio.Handle | None = None
 
     def append(self, batch: Iterable[Event]) -> None:
         added = False
@@ -181,21 +194,50 @@ class Topic:
                 sink.waiter.set_result(None)
 
     def _schedule_flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        delay = self._flushed_at + len(self.sinks) / self.writes_per_s - loop.time() if self.writes_per_s else 0.0
-        if delay <= 0:
-            self._flush()
+        if self._pass_at >= len(self._pass):  # no pass under way: begin one, with the sinks of now
+            self._pass = list(self.sinks)
+            self._pass_at = 0
+            self._pass_seq = self.last_seq
+        if not self.writes_per_s or self.finished:
+            # The end is here: no event will follow, so the rest of the pass is written at once.
+            self._flush(len(self._pass))
+            return
+        now = asyncio.get_running_loop().time()
+        self._tokens = min(self._burst, self._tokens + (now - self._tokens_at) * self.writes_per_s)
+        self._tokens_at = now
+        if self._tokens >= 1:
+            self._flush(int(self._tokens))
         else:
-            self._flush_at = loop.call_later(delay, self._flush)
+            self._go_on()
 
-    def _flush(self) -> None:
-        """One pass: every sink gets the events after its cursor, encoded once per (transport, cursor)."""
+    def _go_on(self) -> None:
+        """The pass goes on at once if there is budget for a slice, else once there is."""
+        delay = (self._slice - self._tokens) / self.writes_per_s if self.writes_per_s else 0.0
+        self._flush_at = asyncio.get_running_loop().call_later(max(0.0, delay), self._on_timer)
+
+    def _on_timer(self) -> None:
         self._flush_at = None
-        self._flushed_at = asyncio.get_running_loop().time()
+        if self.sinks:
+            self._schedule_flush()
+        else:
+            self._pass = []
+
+    def _flush(self, budget: int) -> None:
+        """Go on with the pass: up to ``budget`` sinks get the events after their cursor,
+        encoded once per (transport, cursor); then the pass goes on later, or a new one begins
+        if events arrived since this one began."""
         encoded: dict[tuple[str, int], tuple[bytes, list[Event]]] = {}
         delivered: dict[str, int] = {}
+        ended: list[Sink] = []
         written = 0
-        for sink in list(self.sinks):
+        sinks = self.sinks
+        todo = self._pass
+        at = self._pass_at
+        while at < len(todo) and written < budget:
+            sink = todo[at]
+            at += 1
+            if sink not in sinks:
+                continue  # it left during the pass
             key = (sink.name, sink.cursor)
             found = encoded.get(key)
             if found is None:
@@ -212,12 +254,26 @@ class Topic:
             delivered[sink.name] = delivered.get(sink.name, 0) + len(batch)
             if batch[-1].is_end:
                 sink.ended = True
-            if not more or sink.ended or sink.cursor < self.last_seq:
+                ended.append(sink)
+            elif not more or sink.cursor < self.last_seq:
                 self._leave(sink)
+        # Ended viewers' tasks (each closes its response) wake only after the writes: at the end
+        # of a generation with thousands of viewers, they would otherwise hold back the last ones.
+        for sink in ended:
+            self._leave(sink)
+        self._pass_at = at
+        self._tokens -= written
         for name, count in delivered.items():
             metrics.DELIVERED[name] += count
         if written:
             metrics.HUB_DIRECT_WRITES.inc(written)
+        if at >= len(todo):
+            self._pass = []
+            if not (self.sinks and self.last_seq > self._pass_seq):
+                return  # every sink has had every event: wait for the next append
+        # More to write: the rest of this pass, or a new one for the events that came during it.
+        if self._flush_at is None:
+            self._go_on()
 
     def after(self, seq: int, limit: int) -> list[Event] | None:
         """Events after ``seq`` from the ring; [] if there are none yet; None if the ring no longer has them."""

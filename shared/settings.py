@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     # Most direct writes a second to caught-up viewers of one generation (api/hub.py Topic):
     # with more viewers than this allows at one write per event, events are coalesced.
     # 0: one write per event, however many viewers.
-    hub_writes_per_s: float = Field(100_000, ge=0)
+    hub_writes_per_s: float = Field(70_000, ge=0)
     hub_block_ms: int = Field(2000, ge=10)
     heartbeat_s: float = Field(15.0, gt=0, le=15.0)
     # A viewer whose connection accepts no bytes for this long is cut off (it can resume).
