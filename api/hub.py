@@ -211,8 +211,10 @@ class Topic:
             self._go_on()
 
     def _go_on(self) -> None:
-        """The pass goes on at once if there is budget for a slice, else once there is."""
-        delay = (self._slice - self._tokens) / self.writes_per_s if self.writes_per_s else 0.0
+        """The pass goes on at once if there is budget for a slice (or the end is here), else once there is."""
+        delay = 0.0
+        if self.writes_per_s and not self.finished:
+            delay = (self._slice - self._tokens) / self.writes_per_s
         self._flush_at = asyncio.get_running_loop().call_later(max(0.0, delay), self._on_timer)
 
     def _on_timer(self) -> None:

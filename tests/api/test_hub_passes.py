@@ -76,3 +76,15 @@ async def test_at_the_end_no_viewer_wakes_before_every_sink_has_the_end() -> Non
     assert all(v.seqs == [1, 2, 3] for v in viewers)
     assert all(v.waiter.done() and v.sink.ended for v in viewers)
     assert not topic.sinks
+
+
+async def test_the_end_arriving_during_a_pass_is_written_to_everyone_without_waiting_for_budget() -> None:
+    # 100 writes a second: paced, the 600 sinks would take 6 s for each event.
+    topic = Topic("g", 0, 100, writes_per_s=100)
+    viewers = [Viewer(topic) for _ in range(600)]
+    topic.append([chunk(1)])
+    assert sum(1 for v in viewers if v.seqs) == 1  # the burst: one write
+    topic.append([Event(2, events.END, b"")])
+    # The rest of this pass, then a second one for the sinks it had already passed, at once.
+    await wait_until(lambda: all(v.seqs == [1, 2] for v in viewers), "the end everywhere", within=2.0)
+    assert not topic.sinks
