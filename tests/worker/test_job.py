@@ -186,8 +186,16 @@ async def test_requests_that_arrive_together_share_their_writes_and_one_wake_mes
         subscribed = await pubsub.get_message(timeout=10)  # subscribed before the requests go out
         assert subscribed is not None and subscribed["type"] == "subscribe"
         connections = [await asyncio.open_connection("127.0.0.1", port) for _ in range(20)]
-        for _, writer in connections:  # all 20 requests at once: no await between them
-            writer.write(request)
+        # All 20 requests at once: the API is stopped while they go out, so that when it goes on it
+        # finds them all in one turn of its loop. (Sent to a running API on a loaded machine, each
+        # could be read in a turn of its own, and this test failed once in CI that way.)
+        api = stack.apis[0]
+        api.send_signal(signal.SIGSTOP)
+        try:
+            for _, writer in connections:  # on loopback, each write lands in the API's socket at once
+                writer.write(request)
+        finally:
+            api.send_signal(signal.SIGCONT)
         answers = await asyncio.gather(*(reader.read() for reader, _ in connections))
         for _, writer in connections:
             writer.close()
