@@ -6,6 +6,7 @@ Over real sockets and servers: tests/api/test_hub_sinks.py."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from fanline.api.hub import Sink, Topic
 from fanline.shared import events
@@ -16,7 +17,7 @@ from tests.support import wait_until
 class Viewer:
     """A sink that records the seqs written to it; ``check`` runs at every write."""
 
-    def __init__(self, topic: Topic, check: object = None) -> None:
+    def __init__(self, topic: Topic, check: Callable[[], None] | None = None) -> None:
         self.seqs: list[int] = []
         self.writes = 0
         self.waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -25,7 +26,7 @@ class Viewer:
         topic.join(self.sink, topic.last_seq, self.waiter)
 
     def write(self, data: bytes) -> bool:
-        if callable(self.check):
+        if self.check is not None:
             self.check()
         self.seqs += [int(s) for s in data.split(b";") if s]
         self.writes += 1
