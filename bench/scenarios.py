@@ -217,6 +217,7 @@ class Snapshot:
     at: float
     cpu: dict[int, float]
     valkey_cpu: float
+    worker_cpu: float  # every worker process of the stack
     commands: dict[str, int]  # INFO commandstats: calls by command, every client (and scripts' inner calls)
     clients: dict[int, tuple[str, int]]  # CLIENT LIST: id -> (name, tot-cmds)
 
@@ -230,6 +231,7 @@ async def snapshot(bench: Bench, pods: list[Proc]) -> Snapshot:
         at=time.monotonic(),
         cpu={p.pid: p.cpu_s() for p in pods},
         valkey_cpu=cpu_seconds(bench.stack.valkey.process.pid),
+        worker_cpu=sum(p.cpu_s() for p in bench.stack.worker_processes()),
         commands=commands,
         clients=clients,
     )
@@ -379,6 +381,7 @@ def _figures(
         "api_cpu_s_per_1k": round(1000 * api_cpu / delivered, 4) if delivered else None,
         "api_cpu_util": round(api_cpu / max(1e-9, after.at - before.at) / max(1, len(after.cpu)), 3),
         "valkey_cpu_s": round(after.valkey_cpu - before.valkey_cpu, 3),
+        "worker_cpu_s": round(after.worker_cpu - before.worker_cpu, 3),
         # The serving side's commands (the API pods', or the baseline's), from CLIENT LIST.
         "redis_commands": serving,
         "redis_commands_per_event": round(serving / delivered, 5) if delivered else None,
