@@ -107,14 +107,18 @@ async def enqueue(queue: ArqRedis, gen_ids: list[str], queue_name: str) -> None:
     and the jobs (see worker/main.py), in one round trip. arq's own ``enqueue_job`` first
     WATCHes the job key to refuse a duplicate id (three round trips); a new generation id is
     128 random bits, so there is none to refuse."""
-    now_ms = timestamp_ms()
     async with queue.pipeline(transaction=True) as pipe:
-        for gen_id in gen_ids:
-            job = serialize_job(keys.GENERATE_JOB, (gen_id,), {}, None, now_ms, serializer=queue.job_serializer)
-            pipe.psetex(job_key_prefix + gen_id, queue.expires_extra_ms, job)
-            pipe.zadd(queue_name, {gen_id: now_ms})
-        pipe.publish(keys.WAKE_CHANNEL, " ".join([queue_name, *gen_ids]))
+        _jobs(pipe, queue, gen_ids, queue_name)
         await pipe.execute()
+
+
+def _jobs(pipe: Pipeline, queue: ArqRedis, gen_ids: list[str], queue_name: str) -> None:
+    now_ms = timestamp_ms()
+    for gen_id in gen_ids:
+        job = serialize_job(keys.GENERATE_JOB, (gen_id,), {}, None, now_ms, serializer=queue.job_serializer)
+        pipe.psetex(job_key_prefix + gen_id, queue.expires_extra_ms, job)
+        pipe.zadd(queue_name, {gen_id: now_ms})
+    pipe.publish(keys.WAKE_CHANNEL, " ".join([queue_name, *gen_ids]))
 
 
 class Generations:
@@ -151,14 +155,25 @@ class Generations:
         task.add_done_callback(self._writes.discard)
 
     async def _write(self, batch: list[tuple[str, ChatCompletionRequest, str, asyncio.Future[None]]]) -> None:
-        """The metadata of every generation in ``batch`` in one round trip, then their jobs and
-        one wake-up in another: 20 requests at once cost 2 round trips, not 40."""
+        """The metadata of every generation in ``batch``, their jobs and one wake-up: 20 requests
+        at once cost one round trip, not 40. With the queue on a Redis of its own (or the
+        events on a cluster), the metadata goes first, in a round trip of its own: a worker
+        woken for a job must find its generation."""
+        settings = self._settings
+        gen_ids = [gen_id for gen_id, *_ in batch]
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for gen_id, request, owner, _ in batch:
-                    _queued_meta(pipe, gen_id, request, owner)
-                await pipe.execute()
-            await enqueue(self._queue, [gen_id for gen_id, *_ in batch], self._settings.queue_name)
+            if settings.one_redis:
+                async with self._queue.pipeline(transaction=True) as pipe:
+                    for gen_id, request, owner, _ in batch:
+                        _queued_meta(pipe, gen_id, request, owner)
+                    _jobs(pipe, self._queue, gen_ids, settings.queue_name)
+                    await pipe.execute()
+            else:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for gen_id, request, owner, _ in batch:
+                        _queued_meta(pipe, gen_id, request, owner)
+                    await pipe.execute()
+                await enqueue(self._queue, gen_ids, settings.queue_name)
         except asyncio.CancelledError:  # the pod is stopping
             for *_, written in batch:
                 written.cancel()

@@ -7,6 +7,7 @@ settings = Settings(retention_s=60)  # explicit values win (tests)
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -112,5 +113,18 @@ class Settings(BaseSettings):
         return self.queue_redis_url or self.redis_url
 
     @property
+    def one_redis(self) -> bool:
+        """The job queue and the events are on the same (non-cluster) Redis: a generation's
+        metadata and its job can then be written in one round trip."""
+        return not self.redis_cluster and _server(self.queue_url) == _server(self.redis_url)
+
+    @property
     def api_key_list(self) -> list[str]:
         return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+
+
+def _server(url: str) -> tuple[str, str, str]:
+    """The server and database a Redis URL names; its other options (a client name) aside."""
+    parts = urlsplit(url)
+    db = parts.path.strip("/") or parse_qs(parts.query).get("db", ["0"])[0]
+    return parts.scheme, parts.netloc, db
