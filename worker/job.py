@@ -41,15 +41,20 @@ return {status or false, redis.call('HGET', KEYS[1], 'cancel') or false,
         redis.call('HGET', KEYS[1], 'viewed_at') or false}
 """
 # The metadata of a generation about to start, which is marked running with its first
-# heartbeat unless it has already ended. KEYS: meta. ARGV: now (s). Returns HGETALL's reply.
-_START = """
-local meta = redis.call('HGETALL', KEYS[1])
-local status = redis.call('HGET', KEYS[1], 'status')
-if #meta > 0 and status ~= 'completed' and status ~= 'failed' and status ~= 'cancelled' then
-  redis.call('HSET', KEYS[1], 'status', 'running', 'heartbeat', ARGV[1])
+# heartbeat unless it has already ended. Returns HGETALL's reply. The worker's claim of a
+# job calls it too, when the queue and the events are on one Redis (worker/main.py).
+START_FUNCTION = """
+local function start(meta_key, now)
+  local meta = redis.call('HGETALL', meta_key)
+  local status = redis.call('HGET', meta_key, 'status')
+  if #meta > 0 and status ~= 'completed' and status ~= 'failed' and status ~= 'cancelled' then
+    redis.call('HSET', meta_key, 'status', 'running', 'heartbeat', now)
+  end
+  return meta
 end
-return meta
 """
+# KEYS: meta. ARGV: now (s).
+_START = START_FUNCTION + "return start(KEYS[1], ARGV[1])"
 # How long a worker that is being stopped may take to write the error it ends a generation with.
 _SHUTDOWN_WRITE_S = 5.0
 
@@ -77,12 +82,18 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
 
     gen_id_var.set(gen_id)
     meta_key = keys.meta_key(gen_id)
-    # The claim (worker/main.py) has put it on the running list; this marks it running.
-    flat = await redis.register_script(_START)(keys=[meta_key], args=[int(time.time())])
+    # The claim (worker/main.py) has put it on the running list; this marks it running,
+    # unless the claim did that too (then ``ctx["meta"]`` is what it read).
+    flat = ctx.get("meta")
+    if flat is None:
+        flat = await redis.register_script(_START)(keys=[meta_key], args=[int(time.time())])
     meta: dict[bytes, bytes] = dict(zip(flat[::2], flat[1::2], strict=True))
     found = meta.get(Meta.STATUS.encode(), b"")
+    # The worker's job finish takes the generation off the running list with the job's own keys.
+    unlist = None if ctx.get("finish_unlists") else queue
     if not meta or found in TERMINAL:
-        await queue.zrem(keys.RUNNING, gen_id)
+        if unlist is not None:
+            await unlist.zrem(keys.RUNNING, gen_id)
         if not meta:
             log.warning("generation %s: no metadata (expired?), skipping", gen_id)
         return found.decode() if meta else "missing"
@@ -93,7 +104,13 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
     created = int(meta.get(Meta.CREATED.encode(), b"0"))
     owner = meta.get(Meta.OWNER.encode(), b"").decode()
     publisher = Publisher(
-        redis, gen_id, request.model, created, max_events=settings.stream_max_events, retention_s=settings.retention_s
+        redis,
+        gen_id,
+        request.model,
+        created,
+        max_events=settings.stream_max_events,
+        retention_s=settings.retention_s,
+        batch=ctx.get("script_batch"),
     )
     gen_ctx = GenerationContext(gen_id=gen_id, settings=settings)
 
@@ -174,16 +191,20 @@ async def generate(ctx: dict[str, Any], gen_id: str) -> str:
         if keepalive is not None:
             keepalive.cancel()
             await asyncio.gather(keepalive, return_exceptions=True)
-    await mark_ended(redis, queue, gen_id, status, owner)
+    await mark_ended(redis, unlist, gen_id, status, owner)
     metrics.GENERATION_DURATION.observe(time.monotonic() - started)
     log.info("generation %s %s after %d events", gen_id, status, publisher.seq)
     return status
 
 
-async def mark_ended(redis: aioredis.Redis, queue: aioredis.Redis, gen_id: str, status: str, owner: str = "") -> None:
-    """After the end (whose write also set the outcome and the expiry): off the reaper's list,
-    and off its API key's live generations (the per-key concurrency limit, api/limits.py)."""
-    await queue.zrem(keys.RUNNING, gen_id)
+async def mark_ended(
+    redis: aioredis.Redis, queue: aioredis.Redis | None, gen_id: str, status: str, owner: str = ""
+) -> None:
+    """After the end (whose write also set the outcome and the expiry): off the reaper's list
+    (unless ``queue`` is None: the caller does that), and off its API key's live generations
+    (the per-key concurrency limit, api/limits.py)."""
+    if queue is not None:
+        await queue.zrem(keys.RUNNING, gen_id)
     if owner:
         await redis.zrem(keys.key_live_key(owner), gen_id)
     metrics.GENERATIONS.labels(status).inc()

@@ -23,7 +23,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import uvloop
 from arq.connections import RedisSettings
-from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 from prometheus_client import start_http_server
@@ -34,7 +34,8 @@ from fanline.shared.connections import UNAVAILABLE, events_redis, queue_redis
 from fanline.shared.reaper import Reaper
 from fanline.shared.settings import Settings
 from fanline.worker.generators import load_generator
-from fanline.worker.job import Running, generate
+from fanline.worker.job import START_FUNCTION, Running, generate
+from fanline.worker.publisher import ScriptBatch
 
 log = logging.getLogger("fanline.worker")
 
@@ -104,15 +105,22 @@ class _Listener:
 # jobs in one script: not already in progress, still queued and due, then marked in progress,
 # and on the reapers' running list (shared/reaper.py) from this moment: a job id is its
 # generation id. A job is tried once (arq's max_tries=1): one tried before, by a worker that
-# is gone, leaves the queue instead, and the reaper ends its generation. KEYS: the queue, the
-# running set, then each job's in-progress, retry and job keys. ARGV: now (ms), the
-# in-progress timeout (ms), now (s), then each job's id. Returns each job's score, or nil
-# where it was not claimed.
-_CLAIM = """
+# is gone, leaves the queue instead, and the reaper ends its generation. With the queue and
+# the events on one Redis, the same call also marks each claimed generation running and reads
+# its metadata (worker/job.py START_FUNCTION), which saves each job a round trip before its
+# first token. KEYS: the queue, the running set, then each job's in-progress, retry and job
+# keys (and its generation's meta key, when starting too). ARGV: now (ms), the in-progress
+# timeout (ms), now (s), now (whole s), '1' to start too, then each job's id. Returns, per
+# job, nil where it was not claimed, else {score} or {score, metadata as HGETALL gives it}.
+_CLAIM = (
+    START_FUNCTION
+    + """
+local start_too = ARGV[5] == '1'
+local stride = start_too and 4 or 3
 local claimed = {}
-for i = 4, #ARGV do
-  local k = 3 * (i - 4) + 3
-  local score = false
+for i = 6, #ARGV do
+  local k = stride * (i - 6) + 3
+  local found = false
   if redis.call('EXISTS', KEYS[k]) == 0 then
     local queued = redis.call('ZSCORE', KEYS[1], ARGV[i])
     if queued and tonumber(queued) <= tonumber(ARGV[1]) then
@@ -123,14 +131,16 @@ for i = 4, #ARGV do
         redis.call('EXPIRE', KEYS[k + 1], 88400)
         redis.call('PSETEX', KEYS[k], ARGV[2], '1')
         redis.call('ZADD', KEYS[2], ARGV[3], ARGV[i])
-        score = tonumber(queued)
+        found = {tonumber(queued)}
+        if start_too then found[2] = start(KEYS[k + 3], ARGV[4]) end
       end
     end
   end
-  claimed[#claimed + 1] = score
+  claimed[#claimed + 1] = found
 end
 return claimed
 """
+)
 
 
 # Jobs one claim takes at most (see _Worker.start_jobs).
@@ -140,8 +150,9 @@ _CLAIM_AT_ONCE = 4
 class _Worker(Worker):
     _poll_backoff = 0.1
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, settings: Settings, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.settings = settings
         self._claim_script: Any = None
 
     @property
@@ -196,32 +207,38 @@ class _Worker(Worker):
         if not ids:
             return False
         in_progress_ms = int(self.in_progress_timeout_s * 1000)
-        prefixes = (in_progress_key_prefix, retry_key_prefix, job_key_prefix)
-        job_keys = [prefix + job_id for job_id in ids for prefix in prefixes]
+        start_too = self.settings.one_redis
+        job_keys: list[str] = []
+        for job_id in ids:
+            job_keys += [in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id]
+            if start_too:
+                job_keys.append(keys.meta_key(job_id))
+        now = time.time()
         try:
-            scores = await self._claim(
+            claimed = await self._claim(
                 keys=[self.queue_name, keys.RUNNING, *job_keys],
-                args=[timestamp_ms(), in_progress_ms, time.time(), *ids],
+                args=[timestamp_ms(), in_progress_ms, now, int(now), int(start_too), *ids],
             )
         except BaseException:
             for _ in ids:
                 self._release_sem_dec_counter_on_complete()
             raise
-        for job_id, score in zip(ids, scores, strict=True):
-            if score is None:  # started elsewhere, finished, or deferred
+        for job_id, found in zip(ids, claimed, strict=True):
+            if found is None:  # started elsewhere, finished, or deferred
                 self._release_sem_dec_counter_on_complete()
                 continue
-            task = self.loop.create_task(self.run_job(job_id, int(score)))
+            task = self.loop.create_task(self.run_job(job_id, int(found[0]), found[1] if start_too else None))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
         return len(ids) == len(job_ids)
 
-    async def run_job(self, job_id: str, score: int) -> None:
+    async def run_job(self, job_id: str, score: int, meta: list[bytes] | None = None) -> None:
         """arq's run_job, for the one job this worker runs: ``generate(gen_id)``, whose job id is
         its generation id. arq's first reads the job's record and counts the try (a round trip),
         then runs the function in a task of its own; the record holds nothing the job needs (the
-        request is in the generation's metadata), and _CLAIM has counted the try."""
-        ctx = {**self.ctx, "job_id": job_id, "job_try": 1, "score": score}
+        request is in the generation's metadata), and _CLAIM has counted the try. ``meta`` is the
+        generation's metadata when _CLAIM has also marked it running (generate() then skips that)."""
+        ctx = {**self.ctx, "job_id": job_id, "job_try": 1, "score": score, "meta": meta, "finish_unlists": True}
         try:
             async with asyncio.timeout(self.job_timeout_s):
                 await generate(ctx, job_id)
@@ -233,18 +250,17 @@ class _Worker(Worker):
         except Exception:
             log.exception("generation %s: its job failed", job_id)
             self.jobs_failed += 1
-        # As arq ends every job it finishes: off the queue, with its keys, and no result kept.
-        await asyncio.shield(
-            self.finish_job(
-                job_id,
-                finish=True,
-                result_data=None,
-                result_timeout_s=None,
-                keep_result_forever=False,
-                incr_score=None,
-                keep_in_progress=None,
-            )
-        )
+        await asyncio.shield(self._finish(job_id))
+
+    async def _finish(self, job_id: str) -> None:
+        """As arq ends every job it finishes (off the queue, with its keys, no result kept),
+        and off the reapers' running list, in one transaction: one round trip, not two."""
+        async with self.pool.pipeline(transaction=True) as tr:
+            tr.delete(in_progress_key_prefix + job_id, retry_key_prefix + job_id, job_key_prefix + job_id)
+            tr.zrem(abort_jobs_ss, job_id)
+            tr.zrem(self.queue_name, job_id)
+            tr.zrem(keys.RUNNING, job_id)
+            await tr.execute()
 
     def handle_sig_wait_for_completion(self, signum: Signals) -> None:
         # arq's own lines are at debug level (shared/logs.py); this one an operator wants.
@@ -285,6 +301,8 @@ def build_worker(settings: Settings) -> Worker:
     async def startup(ctx: dict[str, Any]) -> None:
         ctx["settings"] = settings
         ctx["events_redis"] = events_redis(settings)
+        # A cluster pipeline splits by node, and one failing node would fail the whole batch.
+        ctx["script_batch"] = None if settings.redis_cluster else ScriptBatch(ctx["events_redis"])
         ctx["generator"] = generator
         ctx["running"] = running
         listener = _Listener(worker, queue_redis(settings, pubsub=True), running)
@@ -310,6 +328,7 @@ def build_worker(settings: Settings) -> Worker:
             await ctx["events_redis"].aclose()
 
     worker = _Worker(
+        settings=settings,
         functions=[func(generate, name=keys.GENERATE_JOB, max_tries=1)],
         redis_settings=RedisSettings.from_dsn(settings.queue_url),
         queue_name=settings.queue_name,

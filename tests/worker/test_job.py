@@ -11,12 +11,13 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 from arq.connections import RedisSettings, create_pool
-from arq.constants import in_progress_key_prefix, retry_key_prefix
+from arq.constants import in_progress_key_prefix, job_key_prefix, retry_key_prefix
 
 from fanline.api.generations import enqueue, write_queued
 from fanline.shared import keys
 from fanline.shared.ids import new_generation_id
 from fanline.shared.requests import ChatCompletionRequest
+from fanline.shared.settings import Settings
 from fanline.worker.generators.demo import demo_tokens
 from tests.conftest import StackFactory
 from tests.support import Stack, chat_body, create, generation, read_sse, wait_finished, wait_until
@@ -253,3 +254,45 @@ async def test_a_job_tried_before_leaves_the_queue_without_running(
         assert await redis.zscore(keys.RUNNING, tried) is None
     finally:
         await queue.aclose()
+
+
+async def test_a_finished_job_leaves_the_queue_and_the_running_list_with_its_keys(
+    fast_stack: Stack, redis: aioredis.Redis
+) -> None:
+    """The worker ends a job in one transaction of its own (worker/main.py ``_finish``), where
+    arq's finish and the running list's removal were two round trips: nothing may be left."""
+    async with httpx.AsyncClient(base_url=fast_stack.url, timeout=15) as client:
+        gen_id = await create(client, max_tokens=3)
+        assert (await wait_finished(client, gen_id))["status"] == "completed"
+
+    async def finished() -> bool:
+        return await redis.zscore(keys.RUNNING, gen_id) is None
+
+    await wait_until(finished, "the generation to leave the running list")
+    job_keys = (prefix + gen_id for prefix in (in_progress_key_prefix, retry_key_prefix, job_key_prefix))
+    assert await redis.exists(*job_keys) == 0
+    assert await redis.zscore(fast_stack.env["FANLINE_QUEUE_NAME"], gen_id) is None
+
+
+async def test_a_queue_on_another_database_than_the_events(stack_factory: StackFactory, redis_url: str) -> None:
+    """With the queue on a Redis (here: a database) of its own, the API writes a generation's
+    metadata before its job, and the worker marks it running in a call of its own: the claim
+    that does both at once on one Redis cannot reach the events there."""
+    server = redis_url.rstrip("/").removesuffix("/0")
+    queue_url = f"{server}/1"
+    assert not Settings(redis_url=redis_url, queue_redis_url=queue_url).one_redis
+    stack = stack_factory(apis=1, queue_redis_url=queue_url, demo_tokens_per_s="0")
+    queue_db = aioredis.Redis.from_url(queue_url)
+    try:
+        async with httpx.AsyncClient(base_url=stack.url, timeout=15) as client:
+            streamed = await read_sse(client, "POST", "/v1/chat/completions", json=chat_body("elsewhere", max_tokens=5))
+            assert streamed.done and streamed.finish_reason == "length"
+            assert streamed.text == (await generation(client, streamed.gen_id))["content"] != ""
+        assert await queue_db.exists(keys.meta_key(streamed.gen_id)) == 0  # the metadata is with the events
+
+        async def unlisted() -> bool:
+            return await queue_db.zscore(keys.RUNNING, streamed.gen_id) is None
+
+        await wait_until(unlisted, "the generation to leave the running list on the queue's database")
+    finally:
+        await queue_db.aclose()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
 
 from fanline.shared import events, keys
 from fanline.shared.ids import new_generation_id
-from fanline.worker.publisher import Publisher
+from fanline.worker.publisher import Publisher, ScriptBatch
 from tests.support import text_of
 
 USAGE = {"prompt_tokens": 1, "completion_tokens": 3, "total_tokens": 4}
@@ -219,3 +221,80 @@ async def test_resending_the_final_write_is_a_no_op(redis: aioredis.Redis, gen_i
     assert await entries(redis, gen_id) == before
     assert await meta(redis, gen_id) == outcome
     assert await redis.get(keys.content_key(gen_id)) == b"done"
+
+
+# -- ScriptBatch: the writes of many generations in one pipeline ---------------------
+
+_ECHO = "if ARGV[1] == 'fail' then return redis.error_reply('asked to fail') end return {KEYS[1], ARGV[1]}"
+
+
+async def _connections_named(redis: aioredis.Redis, name: str) -> int:
+    return sum(1 for client in await redis.client_list() if client.get("name") == name)
+
+
+async def test_script_calls_made_together_share_one_connection_and_get_their_own_replies(
+    redis: aioredis.Redis, redis_url: str
+) -> None:
+    name = f"batch-{new_generation_id()[:8]}"
+    batched = aioredis.Redis.from_url(redis_url, client_name=name)
+    alone = aioredis.Redis.from_url(redis_url, client_name=f"{name}-alone")
+    try:
+        batch = ScriptBatch(batched)
+        script = batched.register_script(_ECHO)
+        await batched.script_load(_ECHO)
+        replies = await asyncio.gather(*(batch.call(script, [f"k{i}"], [str(i)]) for i in range(20)))
+        assert replies == [[f"k{i}".encode(), str(i).encode()] for i in range(20)]
+        assert await _connections_named(redis, name) == 1  # one pipeline, not 20 round trips in parallel
+        # The same 20 calls made directly open a connection each: the count above would see it.
+        direct = alone.register_script(_ECHO)
+        await asyncio.gather(*(direct(keys=[f"k{i}"], args=[str(i)]) for i in range(20)))
+        assert await _connections_named(redis, f"{name}-alone") > 1
+    finally:
+        await batched.aclose()
+        await alone.aclose()
+
+
+async def test_one_failing_call_in_a_batch_fails_alone(redis: aioredis.Redis) -> None:
+    batch = ScriptBatch(redis)
+    script = redis.register_script(_ECHO)
+    replies = await asyncio.gather(
+        batch.call(script, ["a"], ["1"]),
+        batch.call(script, ["b"], ["fail"]),
+        batch.call(script, ["c"], ["3"]),
+        return_exceptions=True,
+    )
+    assert replies[0] == [b"a", b"1"] and replies[2] == [b"c", b"3"]
+    assert isinstance(replies[1], ResponseError) and "asked to fail" in str(replies[1])
+
+
+async def test_a_batch_loads_its_scripts_again_after_redis_lost_them(redis: aioredis.Redis) -> None:
+    """A restarted Redis has no scripts: each call is made again the way that loads it. (A script
+    of this test's own stands for one the server lost: no other test's scripts are flushed.)"""
+    batch = ScriptBatch(redis)
+    script = redis.register_script(f"{_ECHO} -- {new_generation_id()}")
+    assert await redis.script_exists(script.sha) == [False]
+    replies = await asyncio.gather(*(batch.call(script, [f"k{i}"], [str(i)]) for i in range(3)))
+    assert replies == [[f"k{i}".encode(), str(i).encode()] for i in range(3)]
+
+
+async def test_publishers_sharing_a_batch_write_their_own_streams(redis: aioredis.Redis) -> None:
+    batch = ScriptBatch(redis)
+    gen_ids = [new_generation_id() for _ in range(5)]
+    try:
+        for gen_id in gen_ids:
+            await redis.hset(keys.meta_key(gen_id), keys.Meta.STATUS, "running")  # type: ignore[misc]
+        publishers = [
+            Publisher(redis, gen_id, "demo", 1700000000, max_events=100_000, retention_s=RETENTION_S, batch=batch)
+            for gen_id in gen_ids
+        ]
+        for n, pub in enumerate(publishers):
+            pub.add({"content": f"gen {n} "})
+            pub.add({"content": "says hi"})
+        await asyncio.gather(*(pub.finish("completed", "stop", USAGE, False) for pub in publishers))
+        for n, gen_id in enumerate(gen_ids):
+            stored = [orjson.loads(fields[b"d"]) for _, fields in await entries(redis, gen_id) if fields[b"d"]]
+            assert text_of(stored) == f"gen {n} says hi"
+            assert (await meta(redis, gen_id))["status"] == "completed"
+    finally:
+        for gen_id in gen_ids:
+            await redis.delete(*keys.generation_keys(gen_id))
