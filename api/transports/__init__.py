@@ -122,6 +122,7 @@ class EventStreamResponse(Response):
         loop = asyncio.get_running_loop()
         cursor = self.cursor
         sink: Sink | None = None
+        closed = False  # the last body went out with the end
         viewers.inc()
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
@@ -131,8 +132,10 @@ class EventStreamResponse(Response):
             sink = _direct_sink(scope, transport) if self.started_at is None else None
             async for batch in self.hub.follow(self.gen_id, cursor, gone, sink=sink):
                 body = transport.heartbeat if batch is None else encode(transport.frame, batch)
+                # The end goes out with the response's last chunk: one socket write, not two.
+                closed = bool(batch and batch[-1].is_end)
                 watch.sending = loop.time()
-                await send({"type": "http.response.body", "body": body, "more_body": True})
+                await send({"type": "http.response.body", "body": body, "more_body": not closed})
                 watch.sending = 0.0
                 if batch:
                     cursor = batch[-1].seq
@@ -161,4 +164,5 @@ class EventStreamResponse(Response):
             self.hub.sends.entries.discard(watch)
             viewers.dec()
             gone.cancel()
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not closed:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
