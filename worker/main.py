@@ -143,8 +143,11 @@ return claimed
 )
 
 
-# Jobs one claim takes at most (see _Worker.start_jobs).
-_CLAIM_AT_ONCE = 4
+# Jobs one claim takes at most (see _Worker.start_jobs). 20 requests at once, first token p50
+# (`fanline bench --scenarios ttft`, one worker, five alternated runs each): 9.4 ms with
+# claims of 4, 8.7 of 10, 7.7 of 20. But with 20, one of two loaded workers woken for 40 jobs
+# could take nearly all of them (tests/worker/test_job.py, two workers).
+_CLAIM_AT_ONCE = 10
 
 
 class _Worker(Worker):
@@ -186,9 +189,9 @@ class _Worker(Worker):
         # arq claims the jobs it found one after another, each with WATCH, EXISTS, ZSCORE and
         # MULTI/EXEC (four round trips), so the 20th of 20 concurrent requests waited for 19
         # claims. Here one script call (_CLAIM, the same checks, atomically) claims up to
-        # _CLAIM_AT_ONCE of them, then the next few, in an order of this worker's own: workers
-        # woken by the same message take turns at different jobs, so a burst is shared rather
-        # than taken whole by the fastest. The bookkeeping is arq's own.
+        # _CLAIM_AT_ONCE of them, then the next ones, in an order of this worker's own: workers
+        # woken by the same message take turns at different jobs, so a larger burst is shared
+        # rather than taken whole by the fastest. The bookkeeping is arq's own.
         ids = [found.decode() for found in job_ids]
         random.shuffle(ids)
         for start in range(0, len(ids), _CLAIM_AT_ONCE):
