@@ -1,7 +1,8 @@
 """The generation job: run a generator for one request and publish what it yields.
 
 arq job ``generate(gen_id)``
-  ├── reads the request from the generation's metadata and marks it running (one script)
+  ├── reads the request from the generation's metadata and marks it running (one script; on one
+  │   Redis, the claim in worker/main.py has done both)
   ├── runs the generator in a task, feeding the Publisher
   ├── a keepalive task: heartbeat (for the reaper), cancel flag, idle-viewer cancel
   └── publishes the final chunk / usage / end (or an error), writes the outcome, sets expiry
