@@ -18,4 +18,7 @@ FIRST_TOKEN = Histogram(
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10),
 )
 EVENTS_PUBLISHED = Counter("fanline_events_published_total", "Stream entries written")
-PUBLISH_WRITES = Counter("fanline_publish_writes_total", "Publish writes (each may carry several entries; writes of one loop turn share a round trip)")
+PUBLISH_WRITES = Counter(
+    "fanline_publish_writes_total",
+    "Publish writes (each may carry several entries; writes of one loop turn share a round trip)",
+)
