@@ -394,6 +394,8 @@ def _figures(
         "api_rss_mib": round(sum(rss_after.values()) / 1024, 1),
         "api_rss_growth_mib": round((sum(rss_after.values()) - sum(rss_before.values())) / 1024, 1),
         "client_cpu_s": round(sum(client_cpu), 3),
+        # The viewers' checks of what they kept, after the phase (not in client_cpu_s).
+        "client_check_cpu_s": round(sum(r.get("check_cpu_s", 0.0) for r in results), 3),
         "client_cpu_util_max": round(client_util, 3),
         "client_processes": len(results),
         "connect_s": round(max(r["connect_s"] for r in ready), 3),
