@@ -166,9 +166,8 @@ class Viewer(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
-        if self.done or self.finished.done():
-            return
-        self.check()
+        if not self.finished.done():
+            self.check()  # reads it kept: did [DONE] come?
         if self.done or self.finished.done():
             return
         if self.dropping:
